@@ -1,0 +1,14 @@
+//! The padlock wire contract, generated at build time from
+//! `proto/padlock/v1/padlock.proto`. Never edit generated code: change the
+//! `.proto` file instead.
+
+#![allow(clippy::all, missing_docs)]
+
+/// `padlock.v1`: the Hold stream and the inspection calls.
+pub mod v1 {
+    tonic::include_proto!("padlock.v1");
+
+    /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/padlock_descriptor.bin"));
+}

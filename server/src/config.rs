@@ -1,0 +1,127 @@
+//! padlockd's settings: every flag has a `PADLOCK_*` environment twin.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// padlockd: named locks over gRPC, held for as long as a stream stays open.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "padlockd", version, about, long_about = None)]
+pub struct Config {
+    /// Address for gRPC (port 0 picks a free port; the chosen address is
+    /// printed on stdout as `padlockd listening on ADDR`).
+    #[arg(long, env = "PADLOCK_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+
+    /// Directory of file and semaphore locks [default: /var/lib/padlock/locks
+    /// as root, else $XDG_STATE_HOME/padlock/locks or
+    /// ~/.local/state/padlock/locks]. Fence counters live in its `.padlock/`.
+    #[arg(long, env = "PADLOCK_LOCK_DIR")]
+    pub lock_dir: Option<PathBuf>,
+
+    /// HTTP/2 keepalive ping interval: how often an idle client is probed.
+    #[arg(long, env = "PADLOCK_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection,
+    /// and every lock on it, is dropped. A vanished client is released
+    /// within interval + timeout (10 s by default).
+    #[arg(long, env = "PADLOCK_KEEPALIVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Largest accepted gRPC message, in bytes.
+    #[arg(long, env = "PADLOCK_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most locks (names with holders or waiters) tracked at once.
+    #[arg(long, env = "PADLOCK_MAX_LOCKS", default_value_t = 100_000)]
+    pub max_locks: usize,
+
+    /// Most waiters queued on one lock.
+    #[arg(long, env = "PADLOCK_MAX_WAITERS_PER_LOCK", default_value_t = 10_000)]
+    pub max_waiters_per_lock: usize,
+
+    /// Largest semaphore limit a client may ask for.
+    #[arg(long, env = "PADLOCK_MAX_SEMAPHORE_LIMIT", default_value_t = 1024)]
+    pub max_semaphore_limit: u32,
+
+    /// Most concurrent streams (held or awaited locks) per HTTP/2 connection.
+    #[arg(
+        long,
+        env = "PADLOCK_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 10_000
+    )]
+    pub max_streams_per_connection: u32,
+
+    /// After SIGTERM/SIGINT, how long to wait for streams to end before exiting.
+    #[arg(long, env = "PADLOCK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// The lock directory, with the default filled in.
+    pub fn lock_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.lock_dir {
+            return dir.clone();
+        }
+        if rustix::process::geteuid().is_root() {
+            return PathBuf::from("/var/lib/padlock/locks");
+        }
+        let env_dir = |var: &str| {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        if let Some(state) = env_dir("XDG_STATE_HOME") {
+            return state.join("padlock/locks");
+        }
+        if let Some(home) = env_dir("HOME") {
+            return home.join(".local/state/padlock/locks");
+        }
+        PathBuf::from(format!(
+            "/tmp/padlock-{}/locks",
+            rustix::process::geteuid().as_raw()
+        ))
+    }
+}
+
+/// Parses `250ms`, `5s`, `1.5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (examples: 250ms, 5s, 1.5s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}' in '{text}' (use ms, s or m)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! The `semaphore` kind: `limit` slots, each an exclusive flock on
+//! `<lock-dir>/<name>.<NN>.lock` (`NN` = slot number, at least two digits).
+//!
+//! This is portalocker's `BoundedSemaphore(limit, name, directory=lock_dir)`
+//! layout (`'{name}.{number:02d}.lock'`), so Python processes and padlock
+//! clients share the same slots. A grant takes the lowest free slot, as
+//! portalocker does.
+
+use super::file::try_flock;
+use super::fs::Root;
+use super::{Attempt, Held, Kind};
+use crate::locks::{LockError, Mode};
+use rustix::fs::FlockOperation;
+use std::sync::Arc;
+
+pub struct SemaphoreKind {
+    root: Arc<Root>,
+}
+
+impl SemaphoreKind {
+    pub fn new(root: Arc<Root>) -> SemaphoreKind {
+        SemaphoreKind { root }
+    }
+}
+
+/// The file name of slot `slot` of semaphore `name`.
+pub fn slot_file(name: &str, slot: u32) -> String {
+    format!("{name}.{slot:02}.lock")
+}
+
+impl Kind for SemaphoreKind {
+    fn try_acquire(
+        &self,
+        name: &str,
+        _: Mode,
+        limit: u32,
+        own: &[u32],
+    ) -> Result<Attempt, LockError> {
+        for slot in (0..limit).filter(|s| !own.contains(s)) {
+            let file = slot_file(name, slot);
+            if let Some(fd) =
+                try_flock(&self.root, &file, FlockOperation::NonBlockingLockExclusive)?
+            {
+                return Ok(Attempt::Taken(Held::new(Some(slot), fd)));
+            }
+        }
+        Ok(Attempt::Busy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_files_match_portalocker() {
+        assert_eq!(slot_file("jobs/db", 0), "jobs/db.00.lock");
+        assert_eq!(slot_file("x", 7), "x.07.lock");
+        assert_eq!(slot_file("x", 123), "x.123.lock");
+    }
+
+    #[test]
+    fn takes_lowest_free_slot_and_reports_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let kind = SemaphoreKind::new(Arc::new(Root::open(dir.path()).unwrap()));
+        let take = |own: &[u32]| match kind.try_acquire("s", Mode::Exclusive, 2, own).unwrap() {
+            Attempt::Taken(h) => Some(h),
+            Attempt::Busy => None,
+        };
+        let first = take(&[]).unwrap();
+        assert_eq!(first.slot, Some(0));
+        let second = take(&[]).unwrap();
+        assert_eq!(second.slot, Some(1));
+        assert!(take(&[]).is_none());
+        drop(first);
+        assert_eq!(take(&[1]).unwrap().slot, Some(0));
+    }
+}

@@ -1,0 +1,224 @@
+//! Unit tests of the queue rules, against real flocks in a temp directory.
+
+use super::*;
+use crate::kinds::{file::FileKind, fs::Root, semaphore::SemaphoreKind};
+
+fn table(dir: &std::path::Path, limits: Limits) -> LockTable {
+    let root = Arc::new(Root::open(dir).unwrap());
+    let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
+    kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
+    kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
+    let fences = fence::Fences::open(&dir.join(".padlock")).unwrap();
+    LockTable::new(kinds, fences, limits)
+}
+
+fn req(name: &str, mode: Mode) -> AcquireRequest {
+    AcquireRequest {
+        name: name.into(),
+        kind: Kind::File,
+        mode,
+        limit: 0,
+        owner: "test".into(),
+        peer: "local".into(),
+        labels: BTreeMap::new(),
+        try_only: false,
+    }
+}
+
+fn granted(t: &mut Ticket) -> Option<Grant> {
+    loop {
+        match t.notices.try_recv() {
+            Ok(Notice::Granted(g)) => return Some(g),
+            Ok(Notice::Queued { .. }) => continue,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn fifo_handoff_with_increasing_fences() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let mut a = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let mut b = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let mut c = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let fa = granted(&mut a).unwrap().fence;
+    assert!(granted(&mut b).is_none());
+    assert_eq!(t.get(Kind::File, "x").unwrap().waiters.len(), 2);
+    drop(a);
+    let fb = granted(&mut b).unwrap().fence;
+    assert!(granted(&mut c).is_none());
+    drop(b);
+    let fc = granted(&mut c).unwrap().fence;
+    assert!(fa < fb && fb < fc);
+    drop(c);
+    assert!(t.get(Kind::File, "x").is_none(), "idle locks are forgotten");
+}
+
+#[tokio::test]
+async fn readers_share_and_a_waiting_writer_holds_back_later_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let mut r1 = t.acquire(req("rw", Mode::Shared)).unwrap();
+    let mut r2 = t.acquire(req("rw", Mode::Shared)).unwrap();
+    assert!(granted(&mut r1).is_some() && granted(&mut r2).is_some());
+    let mut w = t.acquire(req("rw", Mode::Exclusive)).unwrap();
+    let mut r3 = t.acquire(req("rw", Mode::Shared)).unwrap();
+    let mut r4 = t.acquire(req("rw", Mode::Shared)).unwrap();
+    assert!(granted(&mut w).is_none() && granted(&mut r3).is_none());
+    drop((r1, r2));
+    assert!(granted(&mut w).is_some());
+    assert!(granted(&mut r3).is_none());
+    drop(w);
+    assert!(
+        granted(&mut r3).is_some() && granted(&mut r4).is_some(),
+        "readers at the head are granted together"
+    );
+}
+
+#[tokio::test]
+async fn try_only_fails_without_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let _a = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let mut r = req("x", Mode::Exclusive);
+    r.try_only = true;
+    assert!(matches!(
+        t.acquire(r),
+        Err(LockError::NotAcquired { holders: 1, .. })
+    ));
+    assert!(t.get(Kind::File, "x").unwrap().waiters.is_empty());
+}
+
+#[tokio::test]
+async fn semaphore_limits_are_checked_and_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(
+        dir.path(),
+        Limits {
+            max_semaphore_limit: 4,
+            ..Limits::default()
+        },
+    );
+    let sem = |limit| AcquireRequest {
+        kind: Kind::Semaphore,
+        limit,
+        ..req("s", Mode::Exclusive)
+    };
+    assert!(matches!(
+        t.acquire(sem(0)),
+        Err(LockError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        t.acquire(sem(5)),
+        Err(LockError::InvalidArgument(_))
+    ));
+    let mut a = t.acquire(sem(2)).unwrap();
+    let mut b = t.acquire(sem(2)).unwrap();
+    let mut c = t.acquire(sem(2)).unwrap();
+    assert_eq!(granted(&mut a).unwrap().slot, Some(0));
+    assert_eq!(granted(&mut b).unwrap().slot, Some(1));
+    assert!(granted(&mut c).is_none());
+    assert!(matches!(
+        t.acquire(sem(3)),
+        Err(LockError::LimitMismatch {
+            current: 2,
+            requested: 3,
+            ..
+        })
+    ));
+    drop(a);
+    assert_eq!(granted(&mut c).unwrap().slot, Some(0));
+    drop((b, c));
+    let mut d = t.acquire(sem(3)).unwrap();
+    assert!(
+        granted(&mut d).is_some(),
+        "the limit is forgotten once the semaphore is idle"
+    );
+}
+
+#[tokio::test]
+async fn caps_and_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(
+        dir.path(),
+        Limits {
+            max_waiters_per_lock: 1,
+            max_locks: 1,
+            ..Limits::default()
+        },
+    );
+    let mut a = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let mut b = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    assert!(matches!(
+        t.acquire(req("x", Mode::Exclusive)),
+        Err(LockError::TooManyWaiters { .. })
+    ));
+    assert!(matches!(
+        t.acquire(req("y", Mode::Exclusive)),
+        Err(LockError::TooManyLocks { .. })
+    ));
+    assert!(granted(&mut a).is_some());
+    t.drain();
+    assert!(matches!(
+        a.notices.try_recv(),
+        Ok(Notice::Lost {
+            reason: LostReason::Shutdown,
+            ..
+        })
+    ));
+    assert!(matches!(b.notices.try_recv(), Ok(Notice::Queued { .. })));
+    assert!(matches!(
+        b.notices.try_recv(),
+        Ok(Notice::Failed(LockError::Draining))
+    ));
+    assert!(matches!(
+        t.acquire(req("z", Mode::Exclusive)),
+        Err(LockError::Draining)
+    ));
+}
+
+#[tokio::test]
+async fn outside_holder_is_waited_for_and_noticed_after_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let outside = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    rustix::fs::flock(&outside, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let mut a = t.acquire(req("f", Mode::Exclusive)).unwrap();
+    assert!(matches!(
+        a.notices.recv().await,
+        Some(Notice::Queued {
+            position: 1,
+            holders: 0
+        })
+    ));
+    drop(outside);
+    let got = tokio::time::timeout(Duration::from_secs(5), a.notices.recv())
+        .await
+        .unwrap();
+    assert!(matches!(got, Some(Notice::Granted(_))));
+}
+
+#[tokio::test]
+async fn revoke_tells_the_holder_and_hands_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let mut a = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let mut b = t.acquire(req("x", Mode::Exclusive)).unwrap();
+    let g = granted(&mut a).unwrap();
+    assert!(t.revoke(Kind::File, "x", g.holder_id, LostReason::Revoked, "admin"));
+    assert!(matches!(
+        a.notices.try_recv(),
+        Ok(Notice::Lost {
+            reason: LostReason::Revoked,
+            ..
+        })
+    ));
+    assert!(granted(&mut b).is_some());
+    assert!(!t.revoke(Kind::File, "x", g.holder_id, LostReason::Revoked, "again"));
+}

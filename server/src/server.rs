@@ -1,0 +1,151 @@
+//! Startup, serving and graceful shutdown.
+
+use crate::config::Config;
+use crate::grpc::PadlockService;
+use crate::kinds::{Kind as KindImpl, file::FileKind, fs::Root, semaphore::SemaphoreKind};
+use crate::locks::{Kind, Limits, LockTable, fence::Fences};
+use padlock_proto::v1::{FILE_DESCRIPTOR_SET, padlock_server::PadlockServer};
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+/// Everything that can stop padlockd from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot use lock directory {dir}: {err}")]
+    LockDir { dir: String, err: std::io::Error },
+    #[error("cannot open fence state in {dir}: {err}")]
+    State { dir: String, err: std::io::Error },
+    #[error("cannot listen on {addr}: {err}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs padlockd until SIGTERM or SIGINT, then drains: holders are told
+/// `Lost{shutdown}`, waiters get UNAVAILABLE, and the server exits.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    raise_fd_limit();
+    let lock_dir = config.lock_dir();
+    let shown = lock_dir.display().to_string();
+    let root = Arc::new(Root::open(&lock_dir).map_err(|err| StartError::LockDir {
+        dir: shown.clone(),
+        err,
+    })?);
+    let state_dir = lock_dir.join(crate::locks::name::RESERVED_DIR);
+    let fences = Fences::open(&state_dir).map_err(|err| StartError::State {
+        dir: state_dir.display().to_string(),
+        err,
+    })?;
+
+    let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
+    kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
+    kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
+    let limits = Limits {
+        max_locks: config.max_locks,
+        max_waiters_per_lock: config.max_waiters_per_lock,
+        max_semaphore_limit: config.max_semaphore_limit,
+    };
+    let table = LockTable::new(kinds, fences, limits);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PadlockServer<PadlockService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = PadlockServer::new(PadlockService::new(table.clone(), shown.clone()))
+        .max_decoding_message_size(config.max_message_bytes);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|err| StartError::Listen {
+            addr: config.listen,
+            err,
+        })?;
+    let addr = listener.local_addr().map_err(|err| StartError::Listen {
+        addr: config.listen,
+        err,
+    })?;
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(config.keepalive_interval));
+
+    // Tests and scripts wait for this line: the server accepts from now on.
+    println!("padlockd listening on {addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, lock_dir = %shown, "serving file and semaphore locks");
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let draining = {
+        let table = table.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: telling holders and waiters");
+            health
+                .set_not_serving::<PadlockServer<PadlockService>>()
+                .await;
+            table.drain();
+            let _ = stop_tx.send(true);
+        }
+    };
+    tokio::spawn(draining);
+
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(config.max_streams_per_connection)
+        .add_service(service)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(incoming, {
+            let mut stop_rx = stop_rx.clone();
+            async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            }
+        });
+    let grace = async {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = grace => tracing::warn!(grace = ?config.shutdown_grace, "streams still open after the shutdown grace; exiting"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop padlockd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Each held file lock is an open descriptor: use the whole hard limit.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(%err, "cannot raise the open-file limit");
+        }
+    }
+}
