@@ -1,1 +1,507 @@
+//! Rust client for padlockd.
+//!
+//! A lock is held for exactly as long as its [`LockGuard`] lives: the guard
+//! owns the gRPC Hold stream, and dropping it (or the process exiting, or the
+//! network going away) releases the lock on the server.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), padlock::Error> {
+//! use std::time::Duration;
+//!
+//! let client = padlock::Client::connect("http://127.0.0.1:7420").await?;
+//! let guard = client
+//!     .lock("reports/nightly")
+//!     .wait(Duration::from_secs(10))
+//!     .owner("report-builder")
+//!     .acquire()
+//!     .await?;
+//! // Pass the fence to the resource you protect, so it can refuse a stale holder.
+//! println!("holding with fence {}", guard.fence());
+//! tokio::select! {
+//!     lost = guard.lost() => eprintln!("lock lost: {lost}"),
+//!     _ = tokio::time::sleep(Duration::from_secs(1)) => guard.release().await?,
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Try-lock and semaphores use the same builder:
+//!
+//! ```no_run
+//! # async fn demo(client: padlock::Client) -> Result<(), padlock::Error> {
+//! match client.lock("gpu").semaphore(4).try_acquire().await? {
+//!     Some(guard) => println!("got slot {:?}", guard.slot()),
+//!     None => println!("all 4 slots are busy"),
+//! }
+//! # Ok(()) }
+//! ```
 
+use padlock_proto::v1 as pb;
+use pb::hold_request::Msg as Req;
+use pb::hold_response::Msg as Resp;
+use std::fmt;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// The generated wire types, for callers that need the raw messages.
+pub use padlock_proto::v1 as proto;
+
+/// The default server address.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7420";
+
+/// How often the client pings an idle connection, and how long it waits for
+/// the answer: a server that vanishes without closing the connection is
+/// noticed (and every guard's [`LockGuard::lost`] fires) within their sum.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid server URL '{url}': {detail}")]
+    InvalidUrl { url: String, detail: String },
+    #[error("cannot connect to padlockd at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The lock was not granted within the wait (or at once, for try-lock).
+    #[error("{0}")]
+    NotAcquired(String),
+    /// The server refused or failed the request.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
+    /// The lock ended before it was released.
+    #[error("{0}")]
+    Lost(Lost),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        InvalidArgument => "invalid argument",
+        FailedPrecondition => "failed precondition",
+        Unavailable => "unavailable",
+        ResourceExhausted => "resource exhausted",
+        DeadlineExceeded => "deadline exceeded",
+        NotFound => "not found",
+        Unauthenticated => "unauthenticated",
+        PermissionDenied => "permission denied",
+        OutOfRange => "out of range",
+        Cancelled => "cancelled",
+        _ => "error",
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        if status.code() == tonic::Code::DeadlineExceeded {
+            Error::NotAcquired(status.message().to_string())
+        } else {
+            Error::Status(status)
+        }
+    }
+}
+
+/// Why a lock was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReason {
+    /// The server is shutting down.
+    Shutdown,
+    /// An administrator revoked the lock.
+    Revoked,
+    /// The server's backend (file system, Redis) failed.
+    Backend,
+    /// The stream or the connection to the server broke.
+    Disconnected,
+    /// The server gave a reason this client does not know.
+    Other,
+}
+
+/// A lost lock: why, and what the server or transport said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    pub reason: LostReason,
+    pub detail: String,
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reason = match self.reason {
+            LostReason::Shutdown => "the server is shutting down",
+            LostReason::Revoked => "revoked by an administrator",
+            LostReason::Backend => "the lock backend failed",
+            LostReason::Disconnected => "the connection to the server broke",
+            LostReason::Other => "lost",
+        };
+        if self.detail.is_empty() {
+            write!(f, "lock lost: {reason}")
+        } else {
+            write!(f, "lock lost: {reason} ({})", self.detail)
+        }
+    }
+}
+
+/// What kind of lock to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Semaphore,
+    Redis,
+}
+
+/// A connection to padlockd. Cheap to clone; clones share one HTTP/2
+/// connection, and every lock is one stream on it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    channel: Channel,
+    owner: String,
+}
+
+impl Client {
+    /// Connects to padlockd at `url` (e.g. `http://127.0.0.1:7420`).
+    pub async fn connect(url: impl Into<String>) -> Result<Client, Error> {
+        let url = url.into();
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Error::InvalidUrl {
+                url: url.clone(),
+                detail: e.to_string(),
+            })?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| Error::Connect { url, source })?;
+        Ok(Client {
+            channel,
+            owner: default_owner(),
+        })
+    }
+
+    /// Starts a request for the lock `name` (exclusive file lock unless the
+    /// builder says otherwise).
+    pub fn lock(&self, name: impl Into<String>) -> LockBuilder {
+        LockBuilder {
+            client: self.clone(),
+            acquire: pb::Acquire {
+                name: name.into(),
+                kind: pb::Kind::File as i32,
+                mode: pb::Mode::Exclusive as i32,
+                owner: self.owner.clone(),
+                ..pb::Acquire::default()
+            },
+        }
+    }
+
+    fn grpc(&self) -> pb::padlock_client::PadlockClient<Channel> {
+        pb::padlock_client::PadlockClient::new(self.channel.clone())
+    }
+
+    /// Every lock the server knows (with holders or waiters), optionally
+    /// only those whose name starts with `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<pb::LockInfo>, Error> {
+        let request = pb::ListLocksRequest {
+            prefix: prefix.to_string(),
+            kind: pb::Kind::Unspecified as i32,
+        };
+        Ok(self.grpc().list_locks(request).await?.into_inner().locks)
+    }
+
+    /// One lock, or `None` when nobody holds or waits for it.
+    pub async fn show(&self, name: &str, kind: Kind) -> Result<Option<pb::LockInfo>, Error> {
+        let request = pb::GetLockRequest {
+            name: name.to_string(),
+            kind: kind_to_wire(kind) as i32,
+        };
+        match self.grpc().get_lock(request).await {
+            Ok(info) => Ok(Some(info.into_inner())),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// The server's version, memory use and counts.
+    pub async fn server_info(&self) -> Result<pb::ServerInfo, Error> {
+        Ok(self
+            .grpc()
+            .get_server_info(pb::GetServerInfoRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// One standard gRPC health check round trip (`grpc.health.v1`).
+    pub async fn health_check(&self) -> Result<bool, Error> {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let response = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        Ok(response.into_inner().status == ServingStatus::Serving as i32)
+    }
+}
+
+fn default_owner() -> String {
+    let uname = rustix::system::uname();
+    let host = uname.nodename().to_string_lossy();
+    let exe = std::env::args()
+        .next()
+        .and_then(|a| a.rsplit('/').next().map(str::to_string))
+        .unwrap_or_default();
+    format!("{exe}[{}]@{host}", std::process::id())
+}
+
+fn kind_to_wire(kind: Kind) -> pb::Kind {
+    match kind {
+        Kind::File => pb::Kind::File,
+        Kind::Semaphore => pb::Kind::Semaphore,
+        Kind::Redis => pb::Kind::Redis,
+    }
+}
+
+/// How to take a lock; made by [`Client::lock`].
+#[derive(Debug, Clone)]
+pub struct LockBuilder {
+    client: Client,
+    acquire: pb::Acquire,
+}
+
+impl LockBuilder {
+    /// Shared (read) mode: many shared holders at once, none beside an
+    /// exclusive one.
+    pub fn shared(mut self) -> Self {
+        self.acquire.mode = pb::Mode::Shared as i32;
+        self
+    }
+
+    /// A semaphore with `limit` slots instead of a file lock.
+    pub fn semaphore(mut self, limit: u32) -> Self {
+        self.acquire.kind = pb::Kind::Semaphore as i32;
+        self.acquire.limit = limit;
+        self
+    }
+
+    /// A Redis lock (the server needs `--redis-url`).
+    pub fn redis(mut self) -> Self {
+        self.acquire.kind = pb::Kind::Redis as i32;
+        self
+    }
+
+    /// Waits at most `wait` for the grant ([`Duration::ZERO`]: try once).
+    /// Without it, [`acquire`](Self::acquire) waits as long as it takes.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.acquire.wait_ms = Some(wait.as_millis().min(u64::MAX as u128) as u64);
+        self
+    }
+
+    /// Who holds the lock, as shown by `padlock list` (default: program,
+    /// pid and host).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.acquire.owner = owner.into();
+        self
+    }
+
+    /// A free-form label shown by inspection calls.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.acquire.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Waits for the lock. Fails with [`Error::NotAcquired`] when a
+    /// [`wait`](Self::wait) was set and passed.
+    pub async fn acquire(self) -> Result<LockGuard, Error> {
+        let name = self.acquire.name.clone();
+        let (requests, rx) = mpsc::channel(2);
+        requests
+            .send(pb::HoldRequest {
+                msg: Some(Req::Acquire(self.acquire)),
+            })
+            .await
+            .map_err(|_| Error::Protocol("request stream closed".into()))?;
+        let mut responses = self
+            .client
+            .grpc()
+            .hold(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let granted = loop {
+            match responses.message().await? {
+                Some(pb::HoldResponse {
+                    msg: Some(Resp::Queued(_)),
+                }) => continue,
+                Some(pb::HoldResponse {
+                    msg: Some(Resp::Granted(g)),
+                }) => break g,
+                Some(other) => {
+                    return Err(Error::Protocol(format!("expected Granted, got {other:?}")));
+                }
+                None => {
+                    return Err(Error::Protocol(
+                        "the server ended the stream before a grant".into(),
+                    ));
+                }
+            }
+        };
+        let (state_tx, state) = watch::channel(GuardState::Held);
+        tokio::spawn(watch_stream(responses, state_tx));
+        Ok(LockGuard {
+            name,
+            fence: granted.fence,
+            slot: granted.slot,
+            holder_id: granted.holder_id,
+            requests: Some(requests),
+            state,
+        })
+    }
+
+    /// Tries once: `Ok(None)` when the lock is held by someone else.
+    pub async fn try_acquire(self) -> Result<Option<LockGuard>, Error> {
+        match self.wait(Duration::ZERO).acquire().await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(Error::NotAcquired(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum GuardState {
+    Held,
+    Released,
+    Lost(Lost),
+}
+
+/// Reads the rest of a Hold stream after the grant, and says how it ended.
+async fn watch_stream(
+    mut responses: tonic::Streaming<pb::HoldResponse>,
+    state: watch::Sender<GuardState>,
+) {
+    let end = match responses.message().await {
+        Ok(Some(pb::HoldResponse {
+            msg: Some(Resp::Released(_)),
+        })) => GuardState::Released,
+        Ok(Some(pb::HoldResponse {
+            msg: Some(Resp::Lost(lost)),
+        })) => GuardState::Lost(Lost {
+            reason: match pb::LostReason::try_from(lost.reason) {
+                Ok(pb::LostReason::Shutdown) => LostReason::Shutdown,
+                Ok(pb::LostReason::Revoked) => LostReason::Revoked,
+                Ok(pb::LostReason::Backend) => LostReason::Backend,
+                _ => LostReason::Other,
+            },
+            detail: lost.detail,
+        }),
+        Ok(Some(other)) => GuardState::Lost(Lost {
+            reason: LostReason::Other,
+            detail: format!("unexpected message from the server: {other:?}"),
+        }),
+        // The server ends a stream without a message only after the client
+        // closed its side (dropping the guard): that is a release.
+        Ok(None) if state.is_closed() => GuardState::Released,
+        Ok(None) => GuardState::Lost(Lost {
+            reason: LostReason::Disconnected,
+            detail: "the server ended the stream".into(),
+        }),
+        Err(status) => GuardState::Lost(Lost {
+            reason: LostReason::Disconnected,
+            detail: status.message().to_string(),
+        }),
+    };
+    let _ = state.send(end);
+}
+
+/// A held lock. Dropping it releases the lock without blocking; use
+/// [`release`](Self::release) to wait until the server confirms.
+#[derive(Debug)]
+pub struct LockGuard {
+    name: String,
+    fence: u64,
+    slot: Option<u32>,
+    holder_id: String,
+    /// The client side of the Hold stream: closing it releases the lock.
+    requests: Option<mpsc::Sender<pb::HoldRequest>>,
+    state: watch::Receiver<GuardState>,
+}
+
+impl LockGuard {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fencing token of this grant: strictly larger than that of every
+    /// earlier exclusive grant of this lock.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    /// The semaphore slot (0-based), for semaphores.
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
+
+    /// The server's id for this holder (as shown by `padlock show`).
+    pub fn holder_id(&self) -> &str {
+        &self.holder_id
+    }
+
+    /// Resolves when the lock is lost: the server said so (shutdown,
+    /// revoke, backend failure), or the stream or connection broke. Never
+    /// resolves for a lock that is held or was released normally.
+    pub fn lost(&self) -> impl Future<Output = Lost> + Send + 'static {
+        let mut state = self.state.clone();
+        async move {
+            let outcome = state
+                .wait_for(|s| !matches!(s, GuardState::Held))
+                .await
+                .map(|s| s.clone());
+            match outcome {
+                Ok(GuardState::Lost(lost)) => lost,
+                _ => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Is the lock still held, as far as this client knows?
+    pub fn is_held(&self) -> bool {
+        matches!(*self.state.borrow(), GuardState::Held)
+    }
+
+    /// Releases the lock and waits until the server confirms. Fails with
+    /// [`Error::Lost`] if the lock had already been lost.
+    pub async fn release(mut self) -> Result<(), Error> {
+        if let Some(requests) = self.requests.take() {
+            let _ = requests
+                .send(pb::HoldRequest {
+                    msg: Some(Req::Release(pb::Release {})),
+                })
+                .await;
+            let outcome = self
+                .state
+                .wait_for(|s| !matches!(s, GuardState::Held))
+                .await
+                .map(|s| s.clone());
+            if let Ok(GuardState::Lost(lost)) = outcome {
+                return Err(Error::Lost(lost));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // Dropping the request sender closes our side of the stream; the
+        // server releases the lock and ends the stream.
+        self.requests.take();
+    }
+}

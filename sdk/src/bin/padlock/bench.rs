@@ -1,0 +1,270 @@
+//! `padlock bench`: a load generator for any padlockd deployment.
+//!
+//! Prints, for one run: the floor (a bare gRPC health check round trip on
+//! the same connection), the uncontended acquire+release cycle, throughput
+//! of many clients on distinct names, handoff latency on one contended
+//! name, and the server's resident memory per held lock.
+
+use clap::Args;
+use padlock::{Client, LockBuilder};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Seconds to run each timed phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent clients (one connection each) in the throughput phase.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Handoffs to measure on one contended name.
+    #[arg(long, default_value_t = 2000)]
+    handoffs: usize,
+    /// Locks held at once in the memory phase (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    held: usize,
+    /// Connections the held locks are spread over.
+    #[arg(long, default_value_t = 16)]
+    held_connections: usize,
+    /// Kind to measure: file or semaphore (limit 1).
+    #[arg(long, default_value = "file")]
+    kind: String,
+    /// Prefix of every lock name the benchmark uses.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+}
+
+/// Latency summary of one phase.
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+    ops_per_sec: f64,
+}
+
+fn summarize(mut samples: Vec<Duration>, elapsed: Duration) -> Summary {
+    samples.sort_unstable();
+    let pick = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    Summary {
+        p50: pick(0.50),
+        p99: pick(0.99),
+        ops_per_sec: samples.len() as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+impl BenchArgs {
+    fn lock(&self, client: &Client, name: &str) -> LockBuilder {
+        let builder = client
+            .lock(format!("{}/{name}", self.prefix))
+            .owner("padlock bench");
+        match self.kind.as_str() {
+            "semaphore" => builder.semaphore(1),
+            _ => builder,
+        }
+    }
+}
+
+/// Runs `op` back to back for `seconds`, returning each run's latency.
+async fn timed<F, Fut>(seconds: Duration, mut op: F) -> Result<(Vec<Duration>, Duration), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < seconds {
+        let t = Instant::now();
+        op().await?;
+        samples.push(t.elapsed());
+    }
+    Ok((samples, start.elapsed()))
+}
+
+pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), String> {
+    if !matches!(args.kind.as_str(), "file" | "semaphore") {
+        return Err(format!(
+            "--kind {}: the benchmark measures file or semaphore",
+            args.kind
+        ));
+    }
+    let phase = Duration::try_from_secs_f64(args.seconds).map_err(|e| format!("--seconds: {e}"))?;
+    let err = |e: padlock::Error| e.to_string();
+    println!(
+        "padlock bench against {server} (kind {}, {} s per phase)\n",
+        args.kind, args.seconds
+    );
+    println!("| measure | p50 | p99 | ops/s |");
+    println!("| --- | --- | --- | --- |");
+
+    // Warm up the connection and the server's code paths.
+    for _ in 0..200 {
+        client.health_check().await.map_err(err)?;
+        args.lock(client, "warmup")
+            .acquire()
+            .await
+            .map_err(err)?
+            .release()
+            .await
+            .map_err(err)?;
+    }
+
+    let (samples, elapsed) = timed(phase, || async {
+        client.health_check().await.map(|_| ()).map_err(err)
+    })
+    .await?;
+    let floor = summarize(samples, elapsed);
+    println!(
+        "| floor: gRPC health check round trip | {} | {} | {:.0} |",
+        us(floor.p50),
+        us(floor.p99),
+        floor.ops_per_sec
+    );
+
+    let (samples, elapsed) = timed(phase, || async {
+        let guard = args
+            .lock(client, "uncontended")
+            .acquire()
+            .await
+            .map_err(err)?;
+        guard.release().await.map_err(err)
+    })
+    .await?;
+    let cycle = summarize(samples, elapsed);
+    println!(
+        "| acquire+release cycle, one connection | {} | {} | {:.0} |",
+        us(cycle.p50),
+        us(cycle.p99),
+        cycle.ops_per_sec
+    );
+
+    // Many clients, distinct names, one connection each.
+    let mut tasks = Vec::new();
+    for i in 0..args.clients {
+        let c = Client::connect(server).await.map_err(err)?;
+        let builder = args.lock(&c, &format!("client-{i}"));
+        tasks.push(tokio::spawn(async move {
+            timed(phase, || {
+                let b = builder.clone();
+                async move { b.acquire().await.map_err(err)?.release().await.map_err(err) }
+            })
+            .await
+        }));
+    }
+    let mut all = Vec::new();
+    let mut longest = Duration::ZERO;
+    for task in tasks {
+        let (samples, elapsed) = task.await.map_err(|e| e.to_string())??;
+        all.extend(samples);
+        longest = longest.max(elapsed);
+    }
+    let many = summarize(all, longest);
+    println!(
+        "| acquire+release, {} clients on distinct names (total) | {} | {} | {:.0} |",
+        args.clients,
+        us(many.p50),
+        us(many.p99),
+        many.ops_per_sec
+    );
+
+    // Handoff: the holder releases while exactly one waiter is queued; the
+    // latency is from sending Release to the waiter holding the grant.
+    let waiter_client = Client::connect(server).await.map_err(err)?;
+    let mut holder = args
+        .lock(client, "contended")
+        .acquire()
+        .await
+        .map_err(err)?;
+    let mut handoffs = Vec::with_capacity(args.handoffs);
+    let started = Instant::now();
+    for i in 0..args.handoffs {
+        let next_client = if i % 2 == 0 { &waiter_client } else { client };
+        let builder = args.lock(next_client, "contended");
+        let (granted_tx, granted_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let guard = builder.acquire().await;
+            let _ = granted_tx.send((Instant::now(), guard));
+        });
+        let name = format!("{}/contended", args.prefix);
+        let kind = if args.kind == "semaphore" {
+            padlock::Kind::Semaphore
+        } else {
+            padlock::Kind::File
+        };
+        loop {
+            let info = client.show(&name, kind).await.map_err(err)?;
+            if info.is_some_and(|l| l.waiters.len() == 1) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let released_at = Instant::now();
+        holder.release().await.map_err(err)?;
+        let (granted_at, guard) = granted_rx.await.map_err(|e| e.to_string())?;
+        holder = guard.map_err(err)?;
+        handoffs.push(granted_at.saturating_duration_since(released_at));
+    }
+    holder.release().await.map_err(err)?;
+    let handoff = summarize(handoffs, started.elapsed());
+    println!(
+        "| handoff on one contended name | {} | {} | - |",
+        us(handoff.p50),
+        us(handoff.p99)
+    );
+
+    println!(
+        "\ncycle / floor at p50: {:.2}x (target <= 2.5x)",
+        cycle.p50.as_secs_f64() / floor.p50.as_secs_f64()
+    );
+
+    if args.held > 0 {
+        held_memory(client, server, &args).await?;
+    }
+    Ok(())
+}
+
+/// Holds `args.held` locks at once and reports the server's RSS growth.
+async fn held_memory(client: &Client, server: &str, args: &BenchArgs) -> Result<(), String> {
+    let err = |e: padlock::Error| e.to_string();
+    let before = client.server_info().await.map_err(err)?;
+    let per_connection = args.held.div_ceil(args.held_connections.max(1));
+    let mut tasks = Vec::new();
+    for c in 0..args.held_connections.max(1) {
+        let conn = Client::connect(server).await.map_err(err)?;
+        let range = (c * per_connection)..((c + 1) * per_connection).min(args.held);
+        let builders: Vec<LockBuilder> = range
+            .map(|i| args.lock(&conn, &format!("held-{i}")))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut guards = Vec::with_capacity(builders.len());
+            for b in builders {
+                guards.push(b.acquire().await?);
+            }
+            Ok::<_, padlock::Error>(guards)
+        }));
+    }
+    let mut guards = Vec::with_capacity(args.held);
+    for task in tasks {
+        guards.extend(task.await.map_err(|e| e.to_string())?.map_err(err)?);
+    }
+    let during = client.server_info().await.map_err(err)?;
+    let grown = during.rss_bytes.saturating_sub(before.rss_bytes);
+    println!(
+        "\nserver RSS: {:.1} MiB idle, {:.1} MiB with {} locks held ({} held per the server): {:.2} KiB per held lock (target <= 8 KiB)",
+        before.rss_bytes as f64 / 1048576.0,
+        during.rss_bytes as f64 / 1048576.0,
+        guards.len(),
+        during.holders,
+        grown as f64 / 1024.0 / guards.len().max(1) as f64
+    );
+    drop(guards);
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! `padlock`: hold padlockd locks from the shell.
+//!
+//! Exit status of `padlock run`: the command's own status (128 + signal if
+//! it was killed); 75 when the lock was not acquired within `--wait`; 70
+//! when the lock was lost while the command ran (the command is sent
+//! SIGTERM first); 1 for other errors (server unreachable, bad request).
+
+mod bench;
+
+use clap::{Args, Parser, Subcommand};
+use padlock::{Client, Error, Kind, LockBuilder, LockGuard, proto};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Not acquired within --wait (EX_TEMPFAIL).
+const EXIT_NOT_ACQUIRED: u8 = 75;
+/// The lock was lost while held.
+const EXIT_LOST: u8 = 70;
+
+#[derive(Parser)]
+#[command(
+    name = "padlock",
+    version,
+    about = "Hold padlockd locks from the shell"
+)]
+struct Cli {
+    /// padlockd's gRPC address.
+    #[arg(long, global = true, env = "PADLOCK_SERVER", default_value = padlock::DEFAULT_SERVER)]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold a lock while a command runs; the command gets PADLOCK_FENCE
+    /// (and PADLOCK_SLOT for semaphores) in its environment.
+    Run {
+        #[command(flatten)]
+        lock: LockArgs,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Hold a lock until interrupted (Ctrl-C or SIGTERM); prints the grant.
+    Hold {
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// List locks with holders or waiters.
+    List {
+        /// Only names starting with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Show one lock: its holders and waiters.
+    Show {
+        name: String,
+        #[arg(long, value_enum, default_value_t = KindArg::File)]
+        kind: KindArg,
+    },
+    /// Measure latency and throughput of a padlockd deployment.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KindArg {
+    File,
+    Semaphore,
+    Redis,
+}
+
+#[derive(Args)]
+struct LockArgs {
+    /// Kind of lock [default: file, or semaphore when --limit is given].
+    #[arg(long, value_enum)]
+    kind: Option<KindArg>,
+    /// Take the lock in shared (read) mode.
+    #[arg(long)]
+    shared: bool,
+    /// Semaphore slot count.
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Give up after this many seconds (0: try once). Default: wait forever.
+    #[arg(long, value_name = "SECS")]
+    wait: Option<f64>,
+    /// Who holds the lock, as shown by `padlock list`.
+    #[arg(long)]
+    owner: Option<String>,
+    /// The lock's name.
+    name: String,
+}
+
+impl LockArgs {
+    fn kind(&self) -> KindArg {
+        self.kind.unwrap_or(if self.limit.is_some() {
+            KindArg::Semaphore
+        } else {
+            KindArg::File
+        })
+    }
+
+    fn builder(&self, client: &Client) -> Result<LockBuilder, String> {
+        let mut builder = client.lock(&self.name);
+        match (self.kind(), self.limit) {
+            (KindArg::Semaphore, Some(limit)) => builder = builder.semaphore(limit),
+            (KindArg::Semaphore, None) => return Err("--kind semaphore needs --limit N".into()),
+            (_, Some(_)) => return Err("--limit only applies to semaphores".into()),
+            (KindArg::Redis, None) => builder = builder.redis(),
+            (KindArg::File, None) => {}
+        }
+        if self.shared {
+            builder = builder.shared();
+        }
+        if let Some(wait) = self.wait {
+            let wait =
+                Duration::try_from_secs_f64(wait).map_err(|e| format!("--wait {wait}: {e}"))?;
+            builder = builder.wait(wait);
+        }
+        if let Some(owner) = &self.owner {
+            builder = builder.owner(owner);
+        }
+        Ok(builder)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("padlock: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let client = Client::connect(&cli.server)
+        .await
+        .map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Run { lock, command } => run_command(&client, &lock, &command).await,
+        Command::Hold { lock } => hold(&client, &lock).await,
+        Command::List { prefix } => {
+            let locks = client.list(&prefix).await.map_err(|e| e.to_string())?;
+            print!("{}", render_list(&locks, SystemTime::now()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { name, kind } => {
+            let kind = match kind {
+                KindArg::File => Kind::File,
+                KindArg::Semaphore => Kind::Semaphore,
+                KindArg::Redis => Kind::Redis,
+            };
+            match client.show(&name, kind).await.map_err(|e| e.to_string())? {
+                Some(info) => {
+                    print!("{}", render_show(&info, SystemTime::now()));
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    Err(format!("nobody holds or waits for {kind:?} lock '{name}'").to_lowercase())
+                }
+            }
+        }
+        Command::Bench(args) => bench::run(&client, &cli.server, args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// Acquires, or says why not: `Err(exit code)` after printing the reason.
+async fn acquire(client: &Client, lock: &LockArgs) -> Result<LockGuard, ExitCode> {
+    let builder = lock.builder(client).map_err(|message| {
+        eprintln!("padlock: {message}");
+        ExitCode::FAILURE
+    })?;
+    match builder.acquire().await {
+        Ok(guard) => Ok(guard),
+        Err(Error::NotAcquired(message)) => {
+            eprintln!("padlock: not acquired: {message}");
+            Err(ExitCode::from(EXIT_NOT_ACQUIRED))
+        }
+        Err(err) => {
+            eprintln!("padlock: {err}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn run_command(
+    client: &Client,
+    lock: &LockArgs,
+    command: &[String],
+) -> Result<ExitCode, String> {
+    let guard = match acquire(client, lock).await {
+        Ok(guard) => guard,
+        Err(code) => return Ok(code),
+    };
+    let mut child = tokio::process::Command::new(&command[0]);
+    child
+        .args(&command[1..])
+        .env("PADLOCK_FENCE", guard.fence().to_string())
+        .env("PADLOCK_NAME", &lock.name);
+    if let Some(slot) = guard.slot() {
+        child.env("PADLOCK_SLOT", slot.to_string());
+    }
+    let mut child = child
+        .spawn()
+        .map_err(|e| format!("cannot run '{}': {e}", command[0]))?;
+    let pid = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    let send = |sig: rustix::process::Signal| {
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    };
+    let (mut term, mut int) = signals()?;
+    let lost = guard.lost();
+    tokio::pin!(lost);
+    let mut lost_reason = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(|e| format!("waiting for the command: {e}"))?,
+            reason = &mut lost, if lost_reason.is_none() => {
+                eprintln!("padlock: {reason}; sending SIGTERM to the command");
+                send(rustix::process::Signal::TERM);
+                lost_reason = Some(reason);
+            }
+            // Pass signals on and keep holding until the command exits.
+            _ = term.recv() => send(rustix::process::Signal::TERM),
+            _ = int.recv() => send(rustix::process::Signal::INT),
+        }
+    };
+    if lost_reason.is_some() {
+        return Ok(ExitCode::from(EXIT_LOST));
+    }
+    if let Err(err) = guard.release().await {
+        eprintln!("padlock: {err}");
+        return Ok(ExitCode::from(EXIT_LOST));
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+fn signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal), String> {
+    let term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    Ok((term, int))
+}
+
+async fn hold(client: &Client, lock: &LockArgs) -> Result<ExitCode, String> {
+    let (mut term, mut int) = signals()?;
+    let guard = match acquire(client, lock).await {
+        Ok(guard) => guard,
+        Err(code) => return Ok(code),
+    };
+    match guard.slot() {
+        Some(slot) => println!(
+            "granted {} fence={} slot={slot} holder={}",
+            lock.name,
+            guard.fence(),
+            guard.holder_id()
+        ),
+        None => println!(
+            "granted {} fence={} holder={}",
+            lock.name,
+            guard.fence(),
+            guard.holder_id()
+        ),
+    }
+    tokio::select! {
+        lost = guard.lost() => {
+            eprintln!("padlock: {lost}");
+            Ok(ExitCode::from(EXIT_LOST))
+        }
+        _ = term.recv() => release(guard).await,
+        _ = int.recv() => release(guard).await,
+    }
+}
+
+async fn release(guard: LockGuard) -> Result<ExitCode, String> {
+    match guard.release().await {
+        Ok(()) => {
+            println!("released");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            eprintln!("padlock: {err}");
+            Ok(ExitCode::from(EXIT_LOST))
+        }
+    }
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match proto::Kind::try_from(kind) {
+        Ok(proto::Kind::Semaphore) => "semaphore",
+        Ok(proto::Kind::Redis) => "redis",
+        _ => "file",
+    }
+}
+
+fn mode_name(mode: i32) -> &'static str {
+    match proto::Mode::try_from(mode) {
+        Ok(proto::Mode::Shared) => "shared",
+        Ok(proto::Mode::Exclusive) => "exclusive",
+        _ => "-",
+    }
+}
+
+/// "3.2s", "4m05s", "2h03m": how long ago `since_ms` was.
+fn age(since_ms: u64, now: SystemTime) -> String {
+    let now_ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let ms = now_ms.saturating_sub(since_ms);
+    let secs = ms / 1000;
+    match secs {
+        0..60 => format!("{}.{}s", secs, (ms % 1000) / 100),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+/// Lays out rows as columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+fn render_list(locks: &[proto::LockInfo], now: SystemTime) -> String {
+    if locks.is_empty() {
+        return "no locks are held or waited for\n".into();
+    }
+    let rows: Vec<Vec<String>> = locks
+        .iter()
+        .map(|l| {
+            let holders = if l.limit > 0 {
+                format!("{}/{}", l.holders.len(), l.limit)
+            } else {
+                l.holders.len().to_string()
+            };
+            let oldest = l.holders.iter().map(|h| h.since_unix_ms).min();
+            vec![
+                l.name.clone(),
+                kind_name(l.kind).into(),
+                mode_name(l.mode).into(),
+                holders,
+                l.waiters.len().to_string(),
+                l.holders
+                    .iter()
+                    .map(|h| h.fence)
+                    .max()
+                    .map_or("-".into(), |f| f.to_string()),
+                oldest.map_or("-".into(), |s| age(s, now)),
+                l.holders.first().map_or("-".into(), |h| h.owner.clone()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "KIND", "MODE", "HOLDERS", "WAITERS", "FENCE", "HELD FOR", "OWNER",
+        ],
+        &rows,
+    )
+}
+
+fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
+    let mut out = format!("{} ({}", l.name, kind_name(l.kind));
+    if l.limit > 0 {
+        out.push_str(&format!(", limit {}", l.limit));
+    }
+    out.push_str(")\n\nholders:\n");
+    let holders: Vec<Vec<String>> = l
+        .holders
+        .iter()
+        .map(|h| {
+            vec![
+                h.id.clone(),
+                mode_name(h.mode).into(),
+                h.fence.to_string(),
+                h.slot.map_or("-".into(), |s| s.to_string()),
+                age(h.since_unix_ms, now),
+                h.peer.clone(),
+                h.owner.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["ID", "MODE", "FENCE", "SLOT", "HELD FOR", "PEER", "OWNER"],
+        &holders,
+    ));
+    out.push_str("\nwaiters:\n");
+    let waiters: Vec<Vec<String>> = l
+        .waiters
+        .iter()
+        .map(|w| {
+            vec![
+                w.position.to_string(),
+                w.id.clone(),
+                mode_name(w.mode).into(),
+                age(w.since_unix_ms, now),
+                w.peer.clone(),
+                w.owner.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["POS", "ID", "MODE", "WAITING", "PEER", "OWNER"],
+        &waiters,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_is_a_readable_table() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let lock = proto::LockInfo {
+            name: "jobs/nightly".into(),
+            kind: proto::Kind::Semaphore as i32,
+            mode: proto::Mode::Exclusive as i32,
+            limit: 3,
+            holders: vec![proto::HolderInfo {
+                id: "7".into(),
+                owner: "cron".into(),
+                fence: 42,
+                since_unix_ms: 1000 * 1000 - 75_000,
+                ..Default::default()
+            }],
+            waiters: vec![],
+        };
+        let text = render_list(&[lock], now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME          KIND       MODE       HOLDERS  WAITERS  FENCE  HELD FOR  OWNER"
+        );
+        assert_eq!(
+            lines[1],
+            "jobs/nightly  semaphore  exclusive  1/3      0        42     1m15s     cron"
+        );
+        assert_eq!(render_list(&[], now), "no locks are held or waited for\n");
+    }
+
+    #[test]
+    fn ages() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        assert_eq!(age(10_000_000 - 3_250, now), "3.2s");
+        assert_eq!(age(10_000_000 - 7_500_000, now), "2h05m");
+    }
+}
