@@ -1,1 +1,202 @@
+//! Harness for the end-to-end tests: start the real `padlockd` on a free
+//! port, run the real `padlock` CLI, and find the real portalocker.
+//!
+//! Everything here synchronizes on events (a line printed, a process
+//! exiting, a message received), never on sleeps.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries (`target/<profile>`),
+/// found from the test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary; fails with instructions when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build --workspace --bins` \
+         (`cargo test --workspace` builds it as well)",
+        path.display()
+    );
+    path
+}
+
+/// A running padlockd, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub lock_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// padlockd on a free port with a fresh temporary lock directory.
+    pub fn start() -> Server {
+        Server::start_with_args(&[])
+    }
+
+    /// padlockd with a fresh temporary lock directory and extra flags.
+    pub fn start_with_args(args: &[&str]) -> Server {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut server = Server::start_in(temp.path(), args);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// padlockd on a free port serving `lock_dir` (kept after the server
+    /// stops, so a test can restart on it or share it).
+    pub fn start_in(lock_dir: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(bin("padlockd"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--lock-dir")
+            .arg(lock_dir)
+            .args(args)
+            .env(
+                "PADLOCK_LOG",
+                std::env::var("PADLOCK_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn padlockd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("padlockd listening on ") {
+                        break addr.trim().parse::<SocketAddr>().expect("address");
+                    }
+                }
+                _ => panic!("padlockd exited before listening: {:?}", child.wait()),
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server {
+            child,
+            addr,
+            url: format!("http://{addr}"),
+            lock_dir: lock_dir.to_path_buf(),
+            _temp: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// A new SDK client (own connection).
+    pub async fn client(&self) -> padlock::Client {
+        padlock::Client::connect(self.url.clone())
+            .await
+            .expect("connect to padlockd")
+    }
+
+    /// The `padlock` CLI, pointed at this server.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(bin("padlock"));
+        cmd.env("PADLOCK_SERVER", &self.url);
+        cmd
+    }
+
+    /// Sends a signal to padlockd.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid()).expect("pid");
+        rustix::process::kill_process(pid, sig).expect("kill");
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9 padlockd");
+        self.child.wait().expect("reap padlockd");
+    }
+
+    /// Waits for padlockd to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        wait_child(&mut self.child, limit).expect("padlockd did not exit in time")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for a child process to exit, at most `limit`.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads lines from a child's stdout until one starts with `prefix`;
+/// returns that line. Panics with everything read when the stream ends.
+pub fn read_line_starting(reader: &mut impl BufRead, prefix: &str) -> String {
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => {
+                panic!("stream ended before a line starting with {prefix:?}; got:\n{seen}")
+            }
+            Ok(_) if line.starts_with(prefix) => return line.trim_end().to_string(),
+            Ok(_) => seen.push_str(&line),
+        }
+    }
+}
+
+/// The Python interpreter that has portalocker 4.4.2 installed, or `None`
+/// when the interop tests were explicitly opted out with
+/// `PADLOCK_SKIP_PORTALOCKER=1`. Panics with install instructions otherwise.
+pub fn portalocker_python() -> Option<PathBuf> {
+    if std::env::var("PADLOCK_SKIP_PORTALOCKER").is_ok_and(|v| v == "1") {
+        eprintln!("portalocker interop test opted out by PADLOCK_SKIP_PORTALOCKER=1");
+        return None;
+    }
+    let candidates = [
+        std::env::var_os("PADLOCK_PYTHON").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")),
+    ];
+    for python in candidates.into_iter().flatten() {
+        let ok = Command::new(&python)
+            .args(["-c", "import portalocker, redis; assert portalocker.__version__ == '4.4.2', portalocker.__version__"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(python);
+        }
+    }
+    panic!(
+        "portalocker 4.4.2 is not installed. Run the test suite with `bash tests/run.sh` \
+         (it makes .venv with portalocker), or install it yourself: \
+         `python3 -m venv .venv && .venv/bin/pip install 'portalocker[redis]==4.4.2'` \
+         (or point PADLOCK_PYTHON at an interpreter that has it). \
+         To skip the interop tests on purpose, set PADLOCK_SKIP_PORTALOCKER=1."
+    );
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs padlock's whole test suite on a fresh machine: installs what the
+# tests need when it is missing (a Python venv with portalocker 4.4.2,
+# flock(1)), builds the binaries, then runs `cargo test --workspace`.
+#
+# Opt-outs (for a machine without them, never in CI):
+#   PADLOCK_SKIP_PORTALOCKER=1   skip the portalocker interop tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "tests/run.sh: please install: $*" >&2
+        return 1
+    fi
+    if [ -z "${APT_UPDATED:-}" ]; then
+        apt-get update -qq && APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+command -v flock >/dev/null || apt_install util-linux
+
+if [ "${PADLOCK_SKIP_PORTALOCKER:-}" != 1 ]; then
+    want='import portalocker, redis; assert portalocker.__version__ == "4.4.2"'
+    if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "$want" 2>/dev/null; }; then
+        command -v python3 >/dev/null || apt_install python3
+        python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+        rm -rf .venv
+        python3 -m venv .venv
+        .venv/bin/pip install --quiet --disable-pip-version-check 'portalocker[redis]==4.4.2'
+    fi
+    export PADLOCK_PYTHON="$PWD/.venv/bin/python"
+fi
+
+cargo build --workspace --bins
+cargo test --workspace "$@"
