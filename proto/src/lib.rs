@@ -4,6 +4,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// `padlock.v1`: the Hold stream and the inspection calls.
 pub mod v1 {
     tonic::include_proto!("padlock.v1");

@@ -14,17 +14,30 @@ use tokio::sync::Mutex;
 /// A counter in a file, incremented by read-modify-write: lost updates
 /// show up as a short count if two clients are ever inside at once.
 fn bump(path: &std::path::Path) {
-    let n: u64 = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let n: u64 = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     std::fs::write(path, format!("{}\n", n + 1)).unwrap();
 }
 
 fn read_count(path: &std::path::Path) -> u64 {
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Runs `clients` x `rounds` exclusive critical sections on `name`, spread
 /// over the given servers; returns the fences in grant order.
-async fn hammer(urls: &[String], name: &str, clients: usize, rounds: usize, counter: &std::path::Path) -> Vec<u64> {
+async fn hammer(
+    urls: &[String],
+    name: &str,
+    clients: usize,
+    rounds: usize,
+    counter: &std::path::Path,
+) -> Vec<u64> {
     let fences = Arc::new(Mutex::new(Vec::with_capacity(clients * rounds)));
     let mut tasks = Vec::new();
     for i in 0..clients {
@@ -48,7 +61,12 @@ async fn hammer(urls: &[String], name: &str, clients: usize, rounds: usize, coun
 
 fn assert_strictly_increasing(fences: &[u64]) {
     for pair in fences.windows(2) {
-        assert!(pair[0] < pair[1], "fence went from {} to {}", pair[0], pair[1]);
+        assert!(
+            pair[0] < pair[1],
+            "fence went from {} to {}",
+            pair[0],
+            pair[1]
+        );
     }
 }
 
@@ -57,7 +75,14 @@ async fn exclusive_counter_is_exact_and_fences_increase() {
     let server = Server::start();
     let work = tempfile::tempdir().unwrap();
     let counter = work.path().join("counter");
-    let fences = hammer(std::slice::from_ref(&server.url), "counter", 8, 200, &counter).await;
+    let fences = hammer(
+        std::slice::from_ref(&server.url),
+        "counter",
+        8,
+        200,
+        &counter,
+    )
+    .await;
     assert_eq!(read_count(&counter), 1600);
     assert_eq!(fences.len(), 1600);
     assert_strictly_increasing(&fences);
@@ -70,7 +95,14 @@ async fn two_servers_on_one_lock_dir_exclude_each_other() {
     let b = Server::start_in(dir.path(), &[]);
     let work = tempfile::tempdir().unwrap();
     let counter = work.path().join("counter");
-    let fences = hammer(&[a.url.clone(), b.url.clone()], "shared/counter", 8, 100, &counter).await;
+    let fences = hammer(
+        &[a.url.clone(), b.url.clone()],
+        "shared/counter",
+        8,
+        100,
+        &counter,
+    )
+    .await;
     assert_eq!(read_count(&counter), 800);
     assert_strictly_increasing(&fences);
 }
@@ -89,7 +121,12 @@ async fn readers_never_overlap_a_writer() {
             for round in 0..100 {
                 let writer = (i + round) % 4 == 0;
                 let builder = client.lock("rw");
-                let guard = if writer { builder.acquire().await } else { builder.shared().acquire().await }.unwrap();
+                let guard = if writer {
+                    builder.acquire().await
+                } else {
+                    builder.shared().acquire().await
+                }
+                .unwrap();
                 if writer {
                     let prev = inside.compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst);
                     assert_eq!(prev, Ok(0), "a writer entered while others were inside");
@@ -113,7 +150,10 @@ async fn readers_never_overlap_a_writer() {
     // Shared holders really did share at some point.
     let max = max_readers.load(Ordering::SeqCst);
     eprintln!("most readers inside at once: {max}");
-    assert!(max >= 2, "readers never shared: at most {max} inside at once");
+    assert!(
+        max >= 2,
+        "readers never shared: at most {max} inside at once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,7 +171,10 @@ async fn semaphore_never_admits_more_than_its_limit() {
                 let guard = client.lock("pool").semaphore(3).acquire().await.unwrap();
                 let slot = guard.slot().expect("semaphore grants carry a slot");
                 assert!(slot < 3);
-                assert!(slots.lock().unwrap().insert(slot), "slot {slot} granted twice at once");
+                assert!(
+                    slots.lock().unwrap().insert(slot),
+                    "slot {slot} granted twice at once"
+                );
                 let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                 max_inside.fetch_max(now, Ordering::SeqCst);
                 tokio::task::yield_now().await;
@@ -151,7 +194,12 @@ async fn semaphore_never_admits_more_than_its_limit() {
 /// Waits until the server shows `n` waiters on `name`.
 async fn until_waiters(client: &Client, name: &str, kind: Kind, n: usize) {
     loop {
-        if client.show(name, kind).await.unwrap().is_some_and(|l| l.waiters.len() == n) {
+        if client
+            .show(name, kind)
+            .await
+            .unwrap()
+            .is_some_and(|l| l.waiters.len() == n)
+        {
             return;
         }
         tokio::task::yield_now().await;
@@ -192,8 +240,15 @@ async fn try_lock_and_wait_timeout() {
     let other = server.client().await;
     let guard = client.lock("busy").acquire().await.unwrap();
     assert!(other.lock("busy").try_acquire().await.unwrap().is_none());
-    match other.lock("busy").wait(Duration::from_millis(200)).acquire().await {
-        Err(Error::NotAcquired(message)) => assert!(message.contains("not acquired within 200ms"), "{message}"),
+    match other
+        .lock("busy")
+        .wait(Duration::from_millis(200))
+        .acquire()
+        .await
+    {
+        Err(Error::NotAcquired(message)) => {
+            assert!(message.contains("not acquired within 200ms"), "{message}")
+        }
         other => panic!("expected NotAcquired, got {other:?}"),
     }
     // The timed-out waiter left the queue.
@@ -201,7 +256,12 @@ async fn try_lock_and_wait_timeout() {
     assert!(info.waiters.is_empty(), "{info:?}");
     let fence = guard.fence();
     guard.release().await.unwrap();
-    let next = other.lock("busy").try_acquire().await.unwrap().expect("free after release");
+    let next = other
+        .lock("busy")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free after release");
     assert!(next.fence() > fence);
 }
 
@@ -209,23 +269,50 @@ async fn try_lock_and_wait_timeout() {
 async fn inspection_lists_holders_and_waiters() {
     let server = Server::start();
     let client = server.client().await;
-    let _held = client.lock("jobs/a").owner("alice").label("team", "data").acquire().await.unwrap();
-    let _sem = client.lock("jobs/pool").semaphore(2).acquire().await.unwrap();
+    let _held = client
+        .lock("jobs/a")
+        .owner("alice")
+        .label("team", "data")
+        .acquire()
+        .await
+        .unwrap();
+    let _sem = client
+        .lock("jobs/pool")
+        .semaphore(2)
+        .acquire()
+        .await
+        .unwrap();
     let waiter_client = server.client().await;
-    let waiter = tokio::spawn(async move { waiter_client.lock("jobs/a").owner("bob").acquire().await.map(|g| g.fence()) });
+    let waiter = tokio::spawn(async move {
+        waiter_client
+            .lock("jobs/a")
+            .owner("bob")
+            .acquire()
+            .await
+            .map(|g| g.fence())
+    });
     until_waiters(&client, "jobs/a", Kind::File, 1).await;
     let locks = client.list("jobs/").await.unwrap();
     let names: Vec<&str> = locks.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, vec!["jobs/a", "jobs/pool"]);
     let a = &locks[0];
     assert_eq!(a.holders[0].owner, "alice");
-    assert_eq!(a.holders[0].labels.get("team").map(String::as_str), Some("data"));
+    assert_eq!(
+        a.holders[0].labels.get("team").map(String::as_str),
+        Some("data")
+    );
     assert!(a.holders[0].peer.starts_with("127.0.0.1:"));
     assert_eq!(a.waiters[0].owner, "bob");
     assert_eq!(locks[1].limit, 2);
     assert_eq!(locks[1].holders[0].slot, Some(0));
     assert!(client.list("nothing/").await.unwrap().is_empty());
-    assert!(client.show("jobs/none", Kind::File).await.unwrap().is_none());
+    assert!(
+        client
+            .show("jobs/none", Kind::File)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let info = client.server_info().await.unwrap();
     assert_eq!((info.holders, info.waiters), (2, 1));
     assert!(info.rss_bytes > 0);
@@ -237,16 +324,44 @@ async fn cli_run_passes_fence_and_exit_status() {
     let server = Server::start();
     let out = server
         .cli()
-        .args(["run", "jobs/cli", "--", "sh", "-c", "echo \"fence=$PADLOCK_FENCE name=$PADLOCK_NAME slot=${PADLOCK_SLOT-none}\"; exit 7"])
+        .args([
+            "run",
+            "jobs/cli",
+            "--",
+            "sh",
+            "-c",
+            "echo \"fence=$PADLOCK_FENCE name=$PADLOCK_NAME slot=${PADLOCK_SLOT-none}\"; exit 7",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("fence=") && stdout.contains("name=jobs/cli slot=none"), "{stdout}");
-    let fence: u64 = stdout["fence=".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(
+        stdout.starts_with("fence=") && stdout.contains("name=jobs/cli slot=none"),
+        "{stdout}"
+    );
+    let fence: u64 = stdout["fence=".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(fence > 0);
 
-    let out = server.cli().args(["run", "--limit", "2", "pool", "--", "sh", "-c", "echo $PADLOCK_SLOT"]).output().unwrap();
+    let out = server
+        .cli()
+        .args([
+            "run",
+            "--limit",
+            "2",
+            "pool",
+            "--",
+            "sh",
+            "-c",
+            "echo $PADLOCK_SLOT",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
 }
@@ -256,7 +371,11 @@ async fn cli_run_exits_75_when_not_acquired() {
     let server = Server::start();
     let client = server.client().await;
     let _guard = client.lock("taken").acquire().await.unwrap();
-    let out = server.cli().args(["run", "--wait", "0.2", "taken", "--", "true"]).output().unwrap();
+    let out = server
+        .cli()
+        .args(["run", "--wait", "0.2", "taken", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(75));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not acquired"), "{stderr}");
@@ -267,7 +386,14 @@ async fn cli_run_terminates_the_command_when_the_lock_is_lost() {
     let server = Server::start();
     let mut child = server
         .cli()
-        .args(["run", "lost", "--", "sh", "-c", "trap 'echo got-term; exit 0' TERM; echo started; while :; do sleep 0.05; done"])
+        .args([
+            "run",
+            "lost",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 0' TERM; echo started; while :; do sleep 0.05; done",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -288,19 +414,37 @@ async fn cli_run_terminates_the_command_when_the_lock_is_lost() {
 async fn cli_list_and_show_print_tables() {
     let server = Server::start();
     let client = server.client().await;
-    let guard = client.lock("jobs/table").owner("nightly-report").acquire().await.unwrap();
+    let guard = client
+        .lock("jobs/table")
+        .owner("nightly-report")
+        .acquire()
+        .await
+        .unwrap();
     let out = server.cli().arg("list").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     let header = lines.next().unwrap();
-    assert!(header.starts_with("NAME") && header.contains("HOLDERS") && header.contains("FENCE"), "{text}");
+    assert!(
+        header.starts_with("NAME") && header.contains("HOLDERS") && header.contains("FENCE"),
+        "{text}"
+    );
     let row = lines.next().unwrap();
-    assert!(row.starts_with("jobs/table") && row.contains(&guard.fence().to_string()) && row.ends_with("nightly-report"), "{text}");
+    assert!(
+        row.starts_with("jobs/table")
+            && row.contains(&guard.fence().to_string())
+            && row.ends_with("nightly-report"),
+        "{text}"
+    );
 
     let out = server.cli().args(["show", "jobs/table"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("holders:") && text.contains(guard.holder_id()) && text.contains("nightly-report"), "{text}");
+    assert!(
+        text.contains("holders:")
+            && text.contains(guard.holder_id())
+            && text.contains("nightly-report"),
+        "{text}"
+    );
     let out = server.cli().args(["show", "jobs/none"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
 }

@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Prefix of every lock name the benchmark uses.
     #[arg(long, default_value = "bench")]
     prefix: String,
+    /// The server's lock directory, when it is on this machine: adds the
+    /// phase that measures how soon a waiter notices the release of a
+    /// flock held outside padlockd (as by portalocker or flock(1)).
+    #[arg(long)]
+    lock_dir: Option<std::path::PathBuf>,
 }
 
 /// Latency summary of one phase.
@@ -220,6 +225,15 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
         us(handoff.p99)
     );
 
+    if let Some(dir) = &args.lock_dir {
+        let wake = outside_release(client, &args, dir).await?;
+        println!(
+            "| waiter noticing an outside flock release | {} | {} | - |",
+            us(wake.p50),
+            us(wake.p99)
+        );
+    }
+
     println!(
         "\ncycle / floor at p50: {:.2}x (target <= 2.5x)",
         cycle.p50.as_secs_f64() / floor.p50.as_secs_f64()
@@ -229,6 +243,54 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
         held_memory(client, server, &args).await?;
     }
     Ok(())
+}
+
+/// A process outside padlockd (here: this one, with a plain flock) holds
+/// the lock file while a padlock client waits; measures from the outside
+/// release to the grant.
+async fn outside_release(
+    client: &Client,
+    args: &BenchArgs,
+    dir: &std::path::Path,
+) -> Result<Summary, String> {
+    use rustix::fs::{FlockOperation, flock};
+    let err = |e: padlock::Error| e.to_string();
+    let name = format!("{}/outside", args.prefix);
+    let path = dir.join(&name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let rounds = 200;
+    let mut samples = Vec::with_capacity(rounds);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        flock(&file, FlockOperation::LockExclusive)
+            .map_err(|e| format!("flock {}: {e}", path.display()))?;
+        let builder = client.lock(name.clone()).owner("padlock bench");
+        let (granted_tx, granted_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let guard = builder.acquire().await;
+            let _ = granted_tx.send((Instant::now(), guard));
+        });
+        loop {
+            let info = client.show(&name, padlock::Kind::File).await.map_err(err)?;
+            if info.is_some_and(|l| l.waiters.len() == 1) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let released_at = Instant::now();
+        drop(file);
+        let (granted_at, guard) = granted_rx.await.map_err(|e| e.to_string())?;
+        guard.map_err(err)?.release().await.map_err(err)?;
+        samples.push(granted_at.saturating_duration_since(released_at));
+    }
+    Ok(summarize(samples, started.elapsed()))
 }
 
 /// Holds `args.held` locks at once and reports the server's RSS growth.
