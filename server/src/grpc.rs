@@ -4,6 +4,8 @@
 //! encode what it says. Domain errors become `Status` in one place
 //! ([`status`]).
 
+use crate::locks::Ticket;
+use crate::locks::name::printable;
 use crate::locks::{
     AcquireRequest, Grant, HolderView, Kind, LockError, LockTable, LockView, LostReason, Mode,
     Notice, WaiterView,
@@ -11,10 +13,8 @@ use crate::locks::{
 use padlock_proto::v1 as pb;
 use pb::hold_request::Msg as In;
 use pb::hold_response::Msg as Out;
-use std::pin::pin;
 use std::time::{Duration, SystemTime};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The `padlock.v1.Padlock` service.
@@ -149,148 +149,190 @@ fn lost_to_wire(reason: LostReason) -> pb::LostReason {
     }
 }
 
-/// Serves one Hold stream from the first message to the end.
-async fn serve_hold(
+/// One Hold stream, advanced by polling its response stream: no task and
+/// no channel per stream, so a held lock costs little memory. When the
+/// client goes away, hyper drops the response stream, which drops the
+/// ticket, which releases the lock or leaves the queue.
+struct Hold {
     table: LockTable,
-    mut inbound: Streaming<pb::HoldRequest>,
-    tx: mpsc::Sender<Reply>,
+    inbound: Streaming<pb::HoldRequest>,
     peer: String,
-) {
-    let acquire = match inbound.message().await {
-        Ok(Some(pb::HoldRequest {
-            msg: Some(In::Acquire(a)),
-        })) => a,
-        Ok(Some(pb::HoldRequest {
-            msg: Some(In::Release(_)),
-        })) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "Release before Acquire: the first message on a Hold stream must be Acquire",
-                )))
-                .await;
-            return;
-        }
-        Ok(Some(pb::HoldRequest { msg: None })) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "empty HoldRequest: the first message must be Acquire",
-                )))
-                .await;
-            return;
-        }
-        Ok(None) => return,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-    };
-    let (request, wait) = match decode_acquire(acquire, peer) {
-        Ok(decoded) => decoded,
-        Err(err) => {
-            let _ = tx.send(Err(status(err))).await;
-            return;
-        }
-    };
-    let name = request.name.clone();
-    let mut ticket = match table.acquire(request) {
-        Ok(ticket) => ticket,
-        Err(err) => {
-            let _ = tx.send(Err(status(err))).await;
-            return;
-        }
-    };
-    tracing::debug!(name = %crate::locks::name::printable(&name), id = ticket.id(), "acquire");
+    phase: Phase,
+}
 
-    // Waiting: until granted, failed, timed out, cancelled or disconnected.
-    let mut deadline = pin!(async {
-        match wait {
-            Some(wait) => tokio::time::sleep(wait).await,
-            None => std::future::pending().await,
-        }
-    });
-    loop {
-        tokio::select! {
-            notice = ticket.notices.recv() => match notice {
-                Some(Notice::Queued { position, holders }) => {
-                    if tx.send(reply(Out::Queued(pb::Queued { position, holders }))).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Notice::Granted(grant)) => {
-                    if tx.send(reply(granted(&grant))).await.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                Some(Notice::Failed(err)) => {
-                    let _ = tx.send(Err(status(err))).await;
-                    return;
-                }
-                Some(Notice::Lost { .. }) | None => return,
-            },
-            msg = inbound.message() => match msg {
-                Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
-                    // Cancel the wait.
-                    drop(ticket);
-                    let _ = tx.send(reply(Out::Released(pb::Released {}))).await;
-                    return;
-                }
-                Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("a second Acquire on one Hold stream: use one stream per lock"))).await;
-                    return;
-                }
-                Ok(None) => return,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-            },
-            () = &mut deadline => {
-                let holders = table.get(ticket.kind(), &name).map_or(0, |l| l.holders.len());
-                drop(ticket);
-                let err = LockError::NotAcquired {
-                    name: crate::locks::name::printable(&name),
-                    holders,
-                    waited: wait.unwrap_or_default(),
-                };
-                let _ = tx.send(Err(status(err))).await;
-                return;
+enum Phase {
+    /// Waiting for the Acquire.
+    Start,
+    /// Queued; `deadline` ends the wait.
+    Waiting {
+        ticket: Ticket,
+        name: String,
+        wait: Option<Duration>,
+        deadline: Option<Instant>,
+    },
+    Holding(Ticket),
+    Done,
+}
+
+/// The response stream of one Hold call.
+fn hold_stream(table: LockTable, inbound: Streaming<pb::HoldRequest>, peer: String) -> HoldStream {
+    let hold = Hold {
+        table,
+        inbound,
+        peer,
+        phase: Phase::Start,
+    };
+    Box::pin(futures_util::stream::unfold(hold, |mut hold| async move {
+        let reply = hold.next().await?;
+        Some((reply, hold))
+    }))
+}
+
+type HoldStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Reply> + Send>>;
+
+fn invalid(message: &str) -> Option<Reply> {
+    Some(Err(Status::invalid_argument(message)))
+}
+
+impl Hold {
+    /// Runs until there is a message for the client; `None` ends the stream.
+    async fn next(&mut self) -> Option<Reply> {
+        loop {
+            let (reply, next) = match std::mem::replace(&mut self.phase, Phase::Done) {
+                Phase::Done => return None,
+                Phase::Start => self.start().await,
+                Phase::Waiting {
+                    ticket,
+                    name,
+                    wait,
+                    deadline,
+                } => self.waiting(ticket, name, wait, deadline).await,
+                Phase::Holding(ticket) => self.holding(ticket).await,
+            };
+            self.phase = next;
+            if reply.is_some() {
+                return reply;
             }
-            () = tx.closed() => return,
         }
     }
 
-    // Holding: until released, lost or disconnected.
-    loop {
-        tokio::select! {
-            notice = ticket.notices.recv() => {
-                if let Some(Notice::Lost { reason, detail }) = notice {
-                    let lost = pb::Lost { reason: lost_to_wire(reason) as i32, detail };
-                    let _ = tx.send(reply(Out::Lost(lost))).await;
-                }
-                return;
+    async fn start(&mut self) -> (Option<Reply>, Phase) {
+        let acquire = match self.inbound.message().await {
+            Ok(Some(pb::HoldRequest {
+                msg: Some(In::Acquire(a)),
+            })) => a,
+            Ok(Some(pb::HoldRequest {
+                msg: Some(In::Release(_)),
+            })) => {
+                let msg =
+                    "Release before Acquire: the first message on a Hold stream must be Acquire";
+                return (invalid(msg), Phase::Done);
             }
-            msg = inbound.message() => match msg {
-                Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
-                    // Release before saying so: once the client reads
-                    // Released, the next holder may already have the lock.
-                    drop(ticket);
-                    let _ = tx.send(reply(Out::Released(pb::Released {}))).await;
-                    return;
+            Ok(Some(pb::HoldRequest { msg: None })) => {
+                let msg = "empty HoldRequest: the first message must be Acquire";
+                return (invalid(msg), Phase::Done);
+            }
+            Ok(None) => return (None, Phase::Done),
+            Err(status) => return (Some(Err(status)), Phase::Done),
+        };
+        let (request, wait) = match decode_acquire(acquire, std::mem::take(&mut self.peer)) {
+            Ok(decoded) => decoded,
+            Err(err) => return (Some(Err(status(err))), Phase::Done),
+        };
+        let name = request.name.clone();
+        match self.table.acquire(request) {
+            Ok(ticket) => {
+                tracing::debug!(name = %printable(&name), id = ticket.id(), "acquire");
+                let deadline = wait.map(|w| Instant::now() + w);
+                (
+                    None,
+                    Phase::Waiting {
+                        ticket,
+                        name,
+                        wait,
+                        deadline,
+                    },
+                )
+            }
+            Err(err) => (Some(Err(status(err))), Phase::Done),
+        }
+    }
+
+    /// Until granted, failed, timed out, cancelled or disconnected.
+    async fn waiting(
+        &mut self,
+        mut ticket: Ticket,
+        name: String,
+        wait: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> (Option<Reply>, Phase) {
+        let expired = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            notice = ticket.notices.recv() => match notice {
+                Some(Notice::Queued { position, holders }) => {
+                    let queued = reply(Out::Queued(pb::Queued { position, holders }));
+                    (Some(queued), Phase::Waiting { ticket, name, wait, deadline })
                 }
-                Ok(Some(_)) => {
-                    drop(ticket);
-                    let _ = tx.send(Err(Status::invalid_argument("a second Acquire on one Hold stream: the lock was released; use one stream per lock"))).await;
-                    return;
-                }
-                Ok(None) => return,
-                Err(status) => {
-                    drop(ticket);
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
+                Some(Notice::Granted(grant)) => (Some(reply(granted(&grant))), Phase::Holding(ticket)),
+                Some(Notice::Failed(err)) => (Some(Err(status(err))), Phase::Done),
+                Some(Notice::Lost { .. }) | None => (None, Phase::Done),
             },
-            () = tx.closed() => return,
+            msg = self.inbound.message() => match msg {
+                Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
+                    // Release while queued cancels the wait.
+                    drop(ticket);
+                    (Some(reply(Out::Released(pb::Released {}))), Phase::Done)
+                }
+                Ok(Some(_)) => (invalid("a second Acquire on one Hold stream: use one stream per lock"), Phase::Done),
+                Ok(None) => (None, Phase::Done),
+                Err(status) => (Some(Err(status)), Phase::Done),
+            },
+            () = expired => {
+                let holders = self.table.get(ticket.kind(), &name).map_or(0, |l| l.holders.len());
+                drop(ticket);
+                let err = LockError::NotAcquired {
+                    name: printable(&name),
+                    holders,
+                    waited: wait.unwrap_or_default(),
+                };
+                (Some(Err(status(err))), Phase::Done)
+            }
+        }
+    }
+
+    /// Until released, lost or disconnected.
+    async fn holding(&mut self, mut ticket: Ticket) -> (Option<Reply>, Phase) {
+        tokio::select! {
+            notice = ticket.notices.recv() => match notice {
+                Some(Notice::Lost { reason, detail }) => {
+                    let lost = pb::Lost { reason: lost_to_wire(reason) as i32, detail };
+                    (Some(reply(Out::Lost(lost))), Phase::Done)
+                }
+                Some(_) => (None, Phase::Holding(ticket)),
+                None => (None, Phase::Done),
+            },
+            msg = self.inbound.message() => {
+                // Whatever came, the lock ends here; release it before
+                // saying so: once the client reads Released, the next
+                // holder may already have the lock.
+                drop(ticket);
+                match msg {
+                    Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
+                        (Some(reply(Out::Released(pb::Released {}))), Phase::Done)
+                    }
+                    Ok(Some(_)) => (
+                        invalid("a second Acquire on one Hold stream: the lock was released; use one stream per lock"),
+                        Phase::Done,
+                    ),
+                    Ok(None) => (None, Phase::Done),
+                    Err(status) => (Some(Err(status)), Phase::Done),
+                }
+            }
         }
     }
 }
@@ -349,7 +391,7 @@ fn rss_bytes() -> u64 {
 
 #[tonic::async_trait]
 impl pb::padlock_server::Padlock for PadlockService {
-    type HoldStream = ReceiverStream<Reply>;
+    type HoldStream = HoldStream;
 
     async fn hold(
         &self,
@@ -358,14 +400,11 @@ impl pb::padlock_server::Padlock for PadlockService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve_hold(
+        Ok(Response::new(hold_stream(
             self.table.clone(),
             request.into_inner(),
-            tx,
             peer,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        )))
     }
 
     async fn list_locks(
@@ -397,7 +436,7 @@ impl pb::padlock_server::Padlock for PadlockService {
             None => Err(Status::not_found(format!(
                 "no {} lock named '{}' is held or waited for",
                 kind.as_str(),
-                crate::locks::name::printable(&req.name)
+                printable(&req.name)
             ))),
         }
     }

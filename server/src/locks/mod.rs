@@ -18,13 +18,13 @@
 //! [`Notice`]s, and dropping it leaves the queue or releases the lock.
 
 pub mod fence;
+mod mailbox;
 pub mod name;
 
 use crate::kinds::{Attempt, Held, Kind as KindImpl};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use tokio::sync::mpsc;
 
 /// What is locked, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -209,7 +209,7 @@ struct Client {
     since: SystemTime,
     mode: Mode,
     labels: BTreeMap<String, String>,
-    tx: mpsc::UnboundedSender<Notice>,
+    tx: mailbox::Sender,
 }
 
 struct Holder {
@@ -339,7 +339,7 @@ impl LockTable {
             )));
         }
 
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mailbox::mailbox();
         let mut st = self.state();
         if st.draining {
             return Err(LockError::Draining);
@@ -549,11 +549,10 @@ impl LockTable {
         let Some(i) = lock.holders.iter().position(|h| h.client.id == id) else {
             return false;
         };
-        let holder = lock.holders.swap_remove(i);
+        let Holder { client, held, .. } = lock.holders.swap_remove(i);
         // Release first, then tell: once told, the holder may act on it.
-        let tx = holder.client.tx.clone();
-        drop(holder);
-        let _ = tx.send(Notice::Lost {
+        drop(held);
+        let _ = client.tx.send(Notice::Lost {
             reason,
             detail: detail.to_string(),
         });
@@ -568,10 +567,9 @@ impl LockTable {
         let mut st = self.state();
         st.draining = true;
         for (_, lock) in st.locks.drain() {
-            for holder in lock.holders {
-                let tx = holder.client.tx.clone();
-                drop(holder.held);
-                let _ = tx.send(Notice::Lost {
+            for Holder { client, held, .. } in lock.holders {
+                drop(held);
+                let _ = client.tx.send(Notice::Lost {
                     reason: LostReason::Shutdown,
                     detail: "padlockd is shutting down".into(),
                 });
@@ -667,7 +665,7 @@ pub struct Ticket {
     key: Key,
     id: u64,
     /// Queued, Granted, Lost or Failed, in that order of life.
-    pub notices: mpsc::UnboundedReceiver<Notice>,
+    pub notices: mailbox::Receiver,
 }
 
 impl Ticket {

@@ -28,10 +28,10 @@ fn req(name: &str, mode: Mode) -> AcquireRequest {
 fn granted(t: &mut Ticket) -> Option<Grant> {
     loop {
         match t.notices.try_recv() {
-            Ok(Notice::Granted(g)) => return Some(g),
-            Ok(Notice::Queued { .. }) => continue,
-            Ok(other) => panic!("unexpected {other:?}"),
-            Err(_) => return None,
+            Some(Notice::Granted(g)) => return Some(g),
+            Some(Notice::Queued { .. }) => continue,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => return None,
         }
     }
 }
@@ -163,15 +163,15 @@ async fn caps_and_draining() {
     t.drain();
     assert!(matches!(
         a.notices.try_recv(),
-        Ok(Notice::Lost {
+        Some(Notice::Lost {
             reason: LostReason::Shutdown,
             ..
         })
     ));
-    assert!(matches!(b.notices.try_recv(), Ok(Notice::Queued { .. })));
+    assert!(matches!(b.notices.try_recv(), Some(Notice::Queued { .. })));
     assert!(matches!(
         b.notices.try_recv(),
-        Ok(Notice::Failed(LockError::Draining))
+        Some(Notice::Failed(LockError::Draining))
     ));
     assert!(matches!(
         t.acquire(req("z", Mode::Exclusive)),
@@ -214,7 +214,7 @@ async fn revoke_tells_the_holder_and_hands_over() {
     assert!(t.revoke(Kind::File, "x", g.holder_id, LostReason::Revoked, "admin"));
     assert!(matches!(
         a.notices.try_recv(),
-        Ok(Notice::Lost {
+        Some(Notice::Lost {
             reason: LostReason::Revoked,
             ..
         })
