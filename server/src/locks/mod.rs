@@ -156,6 +156,47 @@ pub struct Grant {
     pub mode: Mode,
 }
 
+/// Something that happened to a lock, for live inspection (SSE), metrics
+/// and logs. Sent on a broadcast channel: slow subscribers miss events
+/// (and are told so by the channel), the table never waits for them.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub kind: Kind,
+    pub name: Arc<str>,
+    /// The holder or waiter the event is about.
+    pub id: u64,
+    pub what: EventKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum EventKind {
+    /// A waiter joined the queue (it was not granted at once).
+    Queued {
+        position: u32,
+        mode: Mode,
+        owner: String,
+    },
+    /// A waiter became a holder after waiting `waited`.
+    Granted {
+        fence: u64,
+        slot: Option<u32>,
+        mode: Mode,
+        owner: String,
+        waited: Duration,
+    },
+    /// A holder released (or its client went away) after holding `held`.
+    Released { held: Duration },
+    /// A holder's lock ended without its asking.
+    Lost { reason: LostReason, held: Duration },
+    /// A waiter left the queue without a grant (cancelled, timed out,
+    /// disconnected, refused) after waiting `waited`.
+    Abandoned { waited: Duration },
+}
+
+/// Capacity of the event channel: how far a subscriber may fall behind.
+pub const EVENT_BACKLOG: usize = 4096;
+
 /// A read-only view of one lock, for inspection.
 #[derive(Debug, Clone)]
 pub struct LockView {
@@ -206,6 +247,7 @@ struct Client {
     id: u64,
     owner: String,
     peer: String,
+    /// When the waiter arrived; once granted, when it was granted.
     since: SystemTime,
     mode: Mode,
     labels: BTreeMap<String, String>,
@@ -255,6 +297,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    events: tokio::sync::broadcast::Sender<Event>,
     kinds: HashMap<Kind, Box<dyn KindImpl>>,
     fences: fence::Fences,
     limits: Limits,
@@ -284,6 +327,7 @@ impl LockTable {
                     next_id: 1,
                     draining: false,
                 }),
+                events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
                 kinds,
                 fences,
                 limits,
@@ -299,6 +343,23 @@ impl LockTable {
 
     pub fn limits(&self) -> &Limits {
         &self.shared.limits
+    }
+
+    /// Live events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    fn emit(&self, key: &Key, id: u64, what: EventKind) {
+        if self.shared.events.receiver_count() > 0 {
+            let _ = self.shared.events.send(Event {
+                at: SystemTime::now(),
+                kind: key.0,
+                name: key.1.clone(),
+                id,
+                what,
+            });
+        }
     }
 
     /// Joins the queue for a lock. The returned ticket has already received
@@ -400,10 +461,17 @@ impl LockTable {
                     waited: Duration::ZERO,
                 });
             }
-            let _ = lock.waiters[index].tx.send(Notice::Queued {
+            let waiter = &lock.waiters[index];
+            let _ = waiter.tx.send(Notice::Queued {
                 position: index as u32 + 1,
                 holders: lock.holders.len() as u32,
             });
+            let what = EventKind::Queued {
+                position: index as u32 + 1,
+                mode: waiter.mode,
+                owner: waiter.owner.clone(),
+            };
+            self.emit(&key, id, what);
         }
         drop(st);
         Ok(Ticket {
@@ -444,22 +512,20 @@ impl LockTable {
                 Ok(Attempt::Taken(held)) => held,
                 Ok(Attempt::Busy) => return true,
                 Err(err) => {
-                    let waiter = lock.waiters.pop_front().expect("head exists");
-                    let _ = waiter.tx.send(Notice::Failed(err));
+                    self.fail_head(key, lock, err);
                     continue;
                 }
             };
             let fence = match self.shared.fences.next(key.0.as_str(), &key.1) {
                 Ok(fence) => fence,
                 Err(err) => {
-                    let waiter = lock.waiters.pop_front().expect("head exists");
-                    let _ = waiter.tx.send(Notice::Failed(LockError::Backend(format!(
-                        "cannot advance the fence counter: {err}"
-                    ))));
+                    let err =
+                        LockError::Backend(format!("cannot advance the fence counter: {err}"));
+                    self.fail_head(key, lock, err);
                     continue;
                 }
             };
-            let client = lock.waiters.pop_front().expect("head exists");
+            let mut client = lock.waiters.pop_front().expect("head exists");
             let grant = Grant {
                 holder_id: client.id,
                 fence,
@@ -470,6 +536,17 @@ impl LockTable {
             // under this mutex first, so a closed channel cannot happen here;
             // if it ever did, `held` is dropped and the lock stays free.
             if client.tx.send(Notice::Granted(grant)).is_ok() {
+                let now = SystemTime::now();
+                let waited = now.duration_since(client.since).unwrap_or_default();
+                client.since = now;
+                let what = EventKind::Granted {
+                    fence,
+                    slot: held.slot,
+                    mode: client.mode,
+                    owner: client.owner.clone(),
+                    waited,
+                };
+                self.emit(key, client.id, what);
                 lock.holders.push(Holder {
                     client,
                     fence,
@@ -478,6 +555,19 @@ impl LockTable {
             }
         }
         false
+    }
+
+    /// Removes the head of the queue with `err`.
+    fn fail_head(&self, key: &Key, lock: &mut Lock, err: LockError) {
+        let waiter = lock.waiters.pop_front().expect("head exists");
+        let _ = waiter.tx.send(Notice::Failed(err));
+        self.emit(
+            key,
+            waiter.id,
+            EventKind::Abandoned {
+                waited: elapsed(waiter.since),
+            },
+        );
     }
 
     /// Retries a lock whose head is blocked by a holder outside this server,
@@ -513,10 +603,20 @@ impl LockTable {
         };
         if let Some(i) = lock.holders.iter().position(|h| h.client.id == id) {
             // Dropping the holder drops its `Held`: the flock is released.
-            lock.holders.swap_remove(i);
+            let holder = lock.holders.swap_remove(i);
+            let held = elapsed(holder.client.since);
+            drop(holder);
+            self.emit(key, id, EventKind::Released { held });
             self.pump(&mut st, key);
         } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
-            lock.waiters.remove(i);
+            let waiter = lock.waiters.remove(i).expect("index is in range");
+            self.emit(
+                key,
+                id,
+                EventKind::Abandoned {
+                    waited: elapsed(waiter.since),
+                },
+            );
             if i == 0 {
                 // A new head may be grantable (e.g. readers behind a writer).
                 self.pump(&mut st, key);
@@ -556,6 +656,14 @@ impl LockTable {
             reason,
             detail: detail.to_string(),
         });
+        self.emit(
+            &key,
+            id,
+            EventKind::Lost {
+                reason,
+                held: elapsed(client.since),
+            },
+        );
         self.pump(&mut st, &key);
         self.forget_if_idle(&mut st, &key);
         true
@@ -566,16 +674,28 @@ impl LockTable {
     pub fn drain(&self) {
         let mut st = self.state();
         st.draining = true;
-        for (_, lock) in st.locks.drain() {
+        for (key, lock) in std::mem::take(&mut st.locks) {
             for Holder { client, held, .. } in lock.holders {
                 drop(held);
                 let _ = client.tx.send(Notice::Lost {
                     reason: LostReason::Shutdown,
                     detail: "padlockd is shutting down".into(),
                 });
+                let what = EventKind::Lost {
+                    reason: LostReason::Shutdown,
+                    held: elapsed(client.since),
+                };
+                self.emit(&key, client.id, what);
             }
             for waiter in lock.waiters {
                 let _ = waiter.tx.send(Notice::Failed(LockError::Draining));
+                self.emit(
+                    &key,
+                    waiter.id,
+                    EventKind::Abandoned {
+                        waited: elapsed(waiter.since),
+                    },
+                );
             }
         }
     }
@@ -619,6 +739,10 @@ impl LockTable {
             },
         )
     }
+}
+
+fn elapsed(since: SystemTime) -> Duration {
+    since.elapsed().unwrap_or_default()
 }
 
 fn view(key: &Key, lock: &Lock) -> LockView {

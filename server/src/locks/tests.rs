@@ -222,3 +222,37 @@ async fn revoke_tells_the_holder_and_hands_over() {
     assert!(granted(&mut b).is_some());
     assert!(!t.revoke(Kind::File, "x", g.holder_id, LostReason::Revoked, "again"));
 }
+
+#[tokio::test]
+async fn events_follow_queue_grant_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let mut events = t.subscribe();
+    let mut a = t.acquire(req("ev", Mode::Exclusive)).unwrap();
+    let mut b = t.acquire(req("ev", Mode::Exclusive)).unwrap();
+    let ga = granted(&mut a).unwrap();
+    drop(a);
+    let gb = granted(&mut b).unwrap();
+    assert!(t.revoke(Kind::File, "ev", gb.holder_id, LostReason::Revoked, "test"));
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        assert_eq!(&*e.name, "ev");
+        seen.push((
+            e.id,
+            format!("{:?}", e.what)
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_string(),
+        ));
+    }
+    let expected = [
+        (ga.holder_id, "Granted"),
+        (gb.holder_id, "Queued"),
+        (ga.holder_id, "Released"),
+        (gb.holder_id, "Granted"),
+        (gb.holder_id, "Lost"),
+    ];
+    let expected: Vec<(u64, String)> = expected.iter().map(|(i, s)| (*i, s.to_string())).collect();
+    assert_eq!(seen, expected);
+}
