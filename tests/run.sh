@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs padlock's whole test suite on a fresh machine: installs what the
 # tests need when it is missing (a Python venv with portalocker 4.4.2,
-# flock(1)), builds the binaries, then runs `cargo test --workspace`.
+# flock(1), redis-server), builds the binaries, then runs `cargo test --workspace`.
 #
 # Opt-outs (for a machine without them, never in CI):
 #   PADLOCK_SKIP_PORTALOCKER=1   skip the portalocker interop tests
+#   PADLOCK_SKIP_REDIS=1         skip the tests that need redis-server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,10 @@ apt_install() {
 }
 
 command -v flock >/dev/null || apt_install util-linux
+if [ "${PADLOCK_SKIP_REDIS:-}" != 1 ]; then
+    # The redis tests start their own redis-server on a free port.
+    command -v redis-server >/dev/null || apt_install redis-server
+fi
 
 if [ "${PADLOCK_SKIP_PORTALOCKER:-}" != 1 ]; then
     want='import portalocker, redis; assert portalocker.__version__ == "4.4.2"'

@@ -20,6 +20,22 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_LOCK_DIR")]
     pub lock_dir: Option<PathBuf>,
 
+    /// Redis for the `redis` kind (`redis://[:PASSWORD@]HOST:PORT[/DB]`),
+    /// a single standalone server shared by every padlockd and portalocker
+    /// `RedisLock` user of one lock space. Without it, redis locks are
+    /// refused with UNAVAILABLE.
+    #[arg(long, env = "PADLOCK_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// How often padlockd pings Redis. A Redis that stops answering is
+    /// noticed, and every redis holder told Lost, within interval + timeout.
+    #[arg(long, env = "PADLOCK_REDIS_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub redis_health_interval: Duration,
+
+    /// How long a Redis ping may take before Redis counts as down.
+    #[arg(long, env = "PADLOCK_REDIS_HEALTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_health_timeout: Duration,
+
     /// HTTP/2 keepalive ping interval: how often an idle client is probed.
     #[arg(long, env = "PADLOCK_KEEPALIVE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub keepalive_interval: Duration,
@@ -57,6 +73,12 @@ pub struct Config {
     /// After SIGTERM/SIGINT, how long to wait for streams to end before exiting.
     #[arg(long, env = "PADLOCK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// File holding the admin token (one line). Mutating HTTP endpoints
+    /// (revoke) need `Authorization: Bearer <token>`; without this flag
+    /// they are disabled (403).
+    #[arg(long, env = "PADLOCK_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Config {

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::grpc::PadlockService;
+use crate::kinds::redis::{RedisConfig, RedisKind};
 use crate::kinds::{Kind as KindImpl, file::FileKind, fs::Root, semaphore::SemaphoreKind};
 use crate::locks::{Kind, Limits, LockTable, fence::Fences};
 use padlock_proto::v1::{FILE_DESCRIPTOR_SET, padlock_server::PadlockServer};
@@ -19,6 +20,10 @@ pub enum StartError {
     LockDir { dir: String, err: std::io::Error },
     #[error("cannot open fence state in {dir}: {err}")]
     State { dir: String, err: std::io::Error },
+    #[error("{0}")]
+    Redis(String),
+    #[error("{0}")]
+    AdminToken(#[from] crate::http::TokenError),
     #[error("cannot listen on {addr}: {err}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -49,12 +54,31 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
     kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
     kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
+    if let Some(url) = &config.redis_url {
+        let redis_config = RedisConfig {
+            health_interval: config.redis_health_interval,
+            health_timeout: config.redis_health_timeout,
+            ..RedisConfig::default()
+        };
+        let redis = RedisKind::connect(url, redis_config)
+            .await
+            .map_err(StartError::Redis)?;
+        if !redis.is_healthy() {
+            tracing::warn!(%url, "redis is not answering yet; redis locks are refused until it does");
+        }
+        kinds.insert(Kind::Redis, Box::new(redis));
+    }
     let limits = Limits {
         max_locks: config.max_locks,
         max_waiters_per_lock: config.max_waiters_per_lock,
         max_semaphore_limit: config.max_semaphore_limit,
     };
     let table = LockTable::new(kinds, fences, limits);
+    let metrics = crate::http::Metrics::install(&table);
+    let admin = match &config.admin_token_file {
+        Some(path) => crate::http::Admin::from_file(path)?,
+        None => crate::http::Admin::disabled(),
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PadlockServer<PadlockService>>().await;
@@ -81,7 +105,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // Tests and scripts wait for this line: the server accepts from now on.
     println!("padlockd listening on {addr}");
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, lock_dir = %shown, "serving file and semaphore locks");
+    tracing::info!(%addr, lock_dir = %shown, redis = config.redis_url.as_deref().unwrap_or("-"), "serving");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let draining = {
@@ -98,13 +122,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     tokio::spawn(draining);
 
+    // gRPC and HTTP (REST, SSE, dashboard) share the listener; HTTP/1.1 is
+    // accepted for curl and browsers.
+    let grpc = tonic::service::Routes::new(service)
+        .add_service(health_service)
+        .add_service(reflection);
+    let http = crate::http::App {
+        table: table.clone(),
+        admin: Arc::new(admin),
+        metrics,
+        stop: stop_rx.clone(),
+    };
     let serve = Server::builder()
+        .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_streams_per_connection)
-        .add_service(service)
-        .add_service(health_service)
-        .add_service(reflection)
+        .add_routes(crate::http::with_grpc(grpc, http))
         .serve_with_incoming_shutdown(incoming, {
             let mut stop_rx = stop_rx.clone();
             async move {

@@ -200,3 +200,116 @@ pub fn portalocker_python() -> Option<PathBuf> {
          To skip the interop tests on purpose, set PADLOCK_SKIP_PORTALOCKER=1."
     );
 }
+
+/// A `redis-server` of the test's own on a free port, so a test can kill,
+/// restart, pause and resume it. Killed when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+}
+
+impl RedisServer {
+    /// Starts redis-server (no persistence) on a free port and waits until
+    /// it answers PING. Fails with install instructions when it is missing.
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut server = RedisServer {
+            child: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts (again) on the same port, with nothing remembered.
+    pub fn restart(&mut self) {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--loglevel", "warning", "--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): install it with `apt-get install redis-server` \
+                     (tests/run.sh does), or skip the redis tests on purpose with PADLOCK_SKIP_REDIS=1"
+                )
+            });
+        self.child = Some(child);
+        let start = Instant::now();
+        while !self.answers_ping() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not come up on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Does Redis answer PING right now (within 1 s)?
+    pub fn answers_ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        conn.write_all(b"PING\r\n").is_ok()
+            && conn.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 redis-server");
+            child.wait().expect("reap redis-server");
+        }
+    }
+
+    /// SIGSTOP (`pause = true`) or SIGCONT: a Redis that hangs without
+    /// closing its sockets, and its recovery.
+    pub fn pause(&self, pause: bool) {
+        let child = self.child.as_ref().expect("redis-server runs");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        let sig = if pause {
+            rustix::process::Signal::STOP
+        } else {
+            rustix::process::Signal::CONT
+        };
+        rustix::process::kill_process(pid, sig).expect("signal redis-server");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A paused server cannot exit on SIGKILL until it is resumed.
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+            }
+        }
+        self.kill9();
+    }
+}
+
+/// True when the redis tests were explicitly opted out
+/// (`PADLOCK_SKIP_REDIS=1`); says so on stderr.
+pub fn redis_opted_out() -> bool {
+    let out = std::env::var("PADLOCK_SKIP_REDIS").is_ok_and(|v| v == "1");
+    if out {
+        eprintln!("redis test opted out by PADLOCK_SKIP_REDIS=1");
+    }
+    out
+}

@@ -8,7 +8,7 @@
 //! deleted: deleting a lock file that someone else has open breaks flock.
 
 use super::fs::{Root, is_escape};
-use super::{Attempt, Held, Kind};
+use super::{Attempt, Held, Kind, Request};
 use crate::locks::{LockError, Mode};
 use rustix::fs::{FlockOperation, OFlags, flock};
 use rustix::io::Errno;
@@ -31,12 +31,12 @@ impl FileKind {
 }
 
 impl Kind for FileKind {
-    fn try_acquire(&self, name: &str, mode: Mode, _: u32, _: &[u32]) -> Result<Attempt, LockError> {
-        let op = match mode {
+    fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
+        let op = match req.mode {
             Mode::Exclusive => FlockOperation::NonBlockingLockExclusive,
             Mode::Shared => FlockOperation::NonBlockingLockShared,
         };
-        Ok(match try_flock(&self.root, name, op)? {
+        Ok(match try_flock(&self.root, req.name, op)? {
             Some(fd) => Attempt::Taken(Held::new(None, fd)),
             None => Attempt::Busy,
         })

@@ -7,15 +7,26 @@
 
 pub mod file;
 pub mod fs;
+pub mod redis;
 pub mod semaphore;
 
 use crate::locks::{LockError, Mode};
+use std::future::Future;
+use std::pin::Pin;
 
 /// A lock held in the outside world. Dropping it releases it (for flock
-/// kinds: closing the file descriptor drops the flock).
+/// kinds: closing the file descriptor drops the flock; for Redis: closing
+/// the subscription connection).
 pub struct Held {
     /// The semaphore slot this grant occupies.
     pub slot: Option<u32>,
+    /// The fence, when the kind draws its own (Redis: `INCR <name>-fence`);
+    /// otherwise the table draws one from its fence counters.
+    pub fence: Option<u64>,
+    /// Whether the lock still holds on the backend; checked under the
+    /// table's lock at grant time, so a lock lost between being taken and
+    /// being granted is never handed out.
+    alive: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     _resource: Box<dyn Send + Sync>,
 }
 
@@ -23,9 +34,49 @@ impl Held {
     pub fn new(slot: Option<u32>, resource: impl Send + Sync + 'static) -> Held {
         Held {
             slot,
+            fence: None,
+            alive: None,
             _resource: Box::new(resource),
         }
     }
+
+    pub fn with_fence(mut self, fence: u64) -> Held {
+        self.fence = Some(fence);
+        self
+    }
+
+    pub fn with_liveness(mut self, alive: impl Fn() -> bool + Send + Sync + 'static) -> Held {
+        self.alive = Some(Box::new(alive));
+        self
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.as_ref().is_none_or(|alive| alive())
+    }
+}
+
+/// An acquisition that takes network round trips (Redis). It resolves once
+/// the lock is held, retrying inside for as long as it takes; dropping it
+/// cancels the attempt and lets go of anything taken so far.
+pub type Contention = Pin<Box<dyn Future<Output = Result<Held, LockError>> + Send>>;
+
+/// Called by a kind, at most once, when a lock it granted ends on the
+/// backend's side (a Redis connection broke): the table tells the holder
+/// `Lost{backend}` with this detail.
+pub type OnLost = Box<dyn FnOnce(String) + Send + Sync>;
+
+/// What the table asks of a kind for the head of a queue.
+pub struct Request<'a> {
+    pub name: &'a str,
+    pub mode: Mode,
+    /// Semaphore size (0 for other kinds).
+    pub limit: u32,
+    /// Slots this server's holders occupy (semaphores).
+    pub own_slots: &'a [u32],
+    /// One attempt only (try-lock): a contention ends with
+    /// `LockError::NotAcquired` instead of retrying.
+    pub try_once: bool,
+    pub on_lost: OnLost,
 }
 
 impl std::fmt::Debug for Held {
@@ -35,26 +86,25 @@ impl std::fmt::Debug for Held {
 }
 
 /// What a kind answers when asked to take a lock without waiting.
-#[derive(Debug)]
 pub enum Attempt {
     /// Taken; hold on to it.
     Taken(Held),
     /// Someone outside this server holds it (another process, another
     /// padlockd): the table retries with a short backoff.
     Busy,
+    /// Run this to completion to take it (the table runs it as a task and
+    /// grants the head of the queue when it resolves).
+    Contend(Contention),
 }
 
 /// One kind of lock.
 pub trait Kind: Send + Sync {
-    /// Tries once, without blocking, to take `name` for one more holder in
-    /// `mode`. The table has already checked that its own holders admit the
-    /// request; `limit` is the semaphore size and `own_slots` the slots this
-    /// server's holders occupy (both unused by non-semaphore kinds).
-    fn try_acquire(
-        &self,
-        name: &str,
-        mode: Mode,
-        limit: u32,
-        own_slots: &[u32],
-    ) -> Result<Attempt, LockError>;
+    /// Tries, without blocking, to take `req.name` for one more holder. The
+    /// table has already checked that its own holders admit the request.
+    fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError>;
+
+    /// Refuses new requests while the backend is known to be down.
+    fn check_available(&self) -> Result<(), LockError> {
+        Ok(())
+    }
 }

@@ -8,8 +8,8 @@
 
 use super::file::try_flock;
 use super::fs::Root;
-use super::{Attempt, Held, Kind};
-use crate::locks::{LockError, Mode};
+use super::{Attempt, Held, Kind, Request};
+use crate::locks::LockError;
 use rustix::fs::FlockOperation;
 use std::sync::Arc;
 
@@ -29,15 +29,9 @@ pub fn slot_file(name: &str, slot: u32) -> String {
 }
 
 impl Kind for SemaphoreKind {
-    fn try_acquire(
-        &self,
-        name: &str,
-        _: Mode,
-        limit: u32,
-        own: &[u32],
-    ) -> Result<Attempt, LockError> {
-        for slot in (0..limit).filter(|s| !own.contains(s)) {
-            let file = slot_file(name, slot);
+    fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
+        for slot in (0..req.limit).filter(|s| !req.own_slots.contains(s)) {
+            let file = slot_file(req.name, slot);
             if let Some(fd) =
                 try_flock(&self.root, &file, FlockOperation::NonBlockingLockExclusive)?
             {
@@ -51,6 +45,7 @@ impl Kind for SemaphoreKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::locks::Mode;
 
     #[test]
     fn slot_files_match_portalocker() {
@@ -63,9 +58,19 @@ mod tests {
     fn takes_lowest_free_slot_and_reports_busy() {
         let dir = tempfile::tempdir().unwrap();
         let kind = SemaphoreKind::new(Arc::new(Root::open(dir.path()).unwrap()));
-        let take = |own: &[u32]| match kind.try_acquire("s", Mode::Exclusive, 2, own).unwrap() {
-            Attempt::Taken(h) => Some(h),
-            Attempt::Busy => None,
+        let take = |own: &[u32]| {
+            let req = Request {
+                name: "s",
+                mode: Mode::Exclusive,
+                limit: 2,
+                own_slots: own,
+                try_once: true,
+                on_lost: Box::new(|_| {}),
+            };
+            match kind.try_acquire(req).unwrap() {
+                Attempt::Taken(h) => Some(h),
+                _ => None,
+            }
         };
         let first = take(&[]).unwrap();
         assert_eq!(first.slot, Some(0));

@@ -21,7 +21,7 @@ pub mod fence;
 mod mailbox;
 pub mod name;
 
-use crate::kinds::{Attempt, Held, Kind as KindImpl};
+use crate::kinds::{Attempt, Contention, Held, Kind as KindImpl, Request};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -194,6 +194,11 @@ pub enum EventKind {
     Abandoned { waited: Duration },
 }
 
+/// Sees every [`Event`] as it happens, under the table's mutex: it must be
+/// quick and must not call back into the table. Metrics use it, because a
+/// broadcast subscriber can fall behind and miss events.
+pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
+
 /// Capacity of the event channel: how far a subscriber may fall behind.
 pub const EVENT_BACKLOG: usize = 4096;
 
@@ -251,6 +256,8 @@ struct Client {
     since: SystemTime,
     mode: Mode,
     labels: BTreeMap<String, String>,
+    /// Try-lock: never queue behind anyone.
+    try_once: bool,
     tx: mailbox::Sender,
 }
 
@@ -270,6 +277,9 @@ struct Lock {
     /// Id of the task retrying this lock because a holder outside this
     /// server blocks the head of the queue (0: none).
     retry_task: u64,
+    /// The waiter whose network acquisition (Redis) is running, and the
+    /// task running it. Nobody behind it is granted meanwhile.
+    contender: Option<(u64, tokio::task::AbortHandle)>,
 }
 
 impl Lock {
@@ -298,6 +308,9 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     events: tokio::sync::broadcast::Sender<Event>,
+    /// Called with every event, synchronously, under the table's mutex:
+    /// for metrics that must not miss events when subscribers lag.
+    observer: std::sync::OnceLock<Observer>,
     kinds: HashMap<Kind, Box<dyn KindImpl>>,
     fences: fence::Fences,
     limits: Limits,
@@ -328,6 +341,7 @@ impl LockTable {
                     draining: false,
                 }),
                 events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
+                observer: std::sync::OnceLock::new(),
                 kinds,
                 fences,
                 limits,
@@ -350,15 +364,30 @@ impl LockTable {
         self.shared.events.subscribe()
     }
 
+    /// Installs the one observer that sees every event synchronously (see
+    /// [`Observer`]). Returns false when one is already installed.
+    pub fn observe(&self, observer: Observer) -> bool {
+        self.shared.observer.set(observer).is_ok()
+    }
+
     fn emit(&self, key: &Key, id: u64, what: EventKind) {
-        if self.shared.events.receiver_count() > 0 {
-            let _ = self.shared.events.send(Event {
-                at: SystemTime::now(),
-                kind: key.0,
-                name: key.1.clone(),
-                id,
-                what,
-            });
+        let observer = self.shared.observer.get();
+        let subscribed = self.shared.events.receiver_count() > 0;
+        if observer.is_none() && !subscribed {
+            return;
+        }
+        let event = Event {
+            at: SystemTime::now(),
+            kind: key.0,
+            name: key.1.clone(),
+            id,
+            what,
+        };
+        if let Some(observe) = observer {
+            observe(&event);
+        }
+        if subscribed {
+            let _ = self.shared.events.send(event);
         }
     }
 
@@ -393,11 +422,21 @@ impl LockTable {
                 )));
             }
         }
-        if !self.shared.kinds.contains_key(&req.kind) {
-            return Err(LockError::Unavailable(format!(
-                "the {} kind is not available on this server",
-                req.kind.as_str()
-            )));
+        match self.shared.kinds.get(&req.kind) {
+            Some(kind) => kind.check_available()?,
+            None if req.kind == Kind::Redis => {
+                return Err(LockError::Unavailable(
+                    "the redis kind is not configured on this server: start padlockd with \
+                     --redis-url redis://HOST:PORT (or PADLOCK_REDIS_URL)"
+                        .into(),
+                ));
+            }
+            None => {
+                return Err(LockError::Unavailable(format!(
+                    "the {} kind is not available on this server",
+                    req.kind.as_str()
+                )));
+            }
         }
 
         let (tx, rx) = mailbox::mailbox();
@@ -442,6 +481,7 @@ impl LockTable {
             since: SystemTime::now(),
             mode: req.mode,
             labels: req.labels,
+            try_once: req.try_only,
             tx,
         });
         self.pump(&mut st, &key);
@@ -451,7 +491,10 @@ impl LockTable {
             .as_ref()
             .and_then(|l| l.waiters.iter().position(|w| w.id == id));
         if let (Some(lock), Some(index)) = (lock, waiting) {
-            if req.try_only {
+            // A try-lock whose network attempt is running gets its answer
+            // from that attempt (it makes one try only).
+            let contending = lock.contender.as_ref().is_some_and(|(c, _)| *c == id);
+            if req.try_only && !contending {
                 lock.waiters.remove(index);
                 let holders = lock.holders.len();
                 self.forget_if_idle(&mut st, &key);
@@ -503,58 +546,134 @@ impl LockTable {
         };
         let kind = &self.shared.kinds[&key.0];
         while let Some(head) = lock.waiters.front() {
-            if !lock.admits(key.0, head.mode) {
+            if lock.contender.is_some() || !lock.admits(key.0, head.mode) {
                 return false;
             }
             let own_slots: Vec<u32> = lock.holders.iter().filter_map(|h| h.held.slot).collect();
-            let attempt = kind.try_acquire(&key.1, head.mode, lock.limit, &own_slots);
-            let held = match attempt {
-                Ok(Attempt::Taken(held)) => held,
-                Ok(Attempt::Busy) => return true,
-                Err(err) => {
-                    self.fail_head(key, lock, err);
-                    continue;
-                }
+            let request = Request {
+                name: &key.1,
+                mode: head.mode,
+                limit: lock.limit,
+                own_slots: &own_slots,
+                try_once: head.try_once,
+                on_lost: self.on_lost(key.clone(), head.id),
             };
-            let fence = match self.shared.fences.next(key.0.as_str(), &key.1) {
+            match kind.try_acquire(request) {
+                Ok(Attempt::Taken(held)) => {
+                    let client = lock.waiters.pop_front().expect("head exists");
+                    self.grant(key, lock, client, held);
+                }
+                Ok(Attempt::Busy) => return true,
+                Ok(Attempt::Contend(contention)) => {
+                    let id = head.id;
+                    let task = self.spawn_contention(key.clone(), id, contention);
+                    lock.contender = Some((id, task));
+                    return false;
+                }
+                Err(err) => self.fail_head(key, lock, err),
+            }
+        }
+        false
+    }
+
+    /// Makes `client` a holder of `lock` with `held`, and tells it so.
+    fn grant(&self, key: &Key, lock: &mut Lock, mut client: Client, held: Held) {
+        let fence = match held.fence {
+            Some(fence) => fence,
+            None => match self.shared.fences.next(key.0.as_str(), &key.1) {
                 Ok(fence) => fence,
                 Err(err) => {
                     let err =
                         LockError::Backend(format!("cannot advance the fence counter: {err}"));
-                    self.fail_head(key, lock, err);
-                    continue;
+                    let _ = client.tx.send(Notice::Failed(err));
+                    let what = EventKind::Abandoned {
+                        waited: elapsed(client.since),
+                    };
+                    self.emit(key, client.id, what);
+                    return;
                 }
-            };
-            let mut client = lock.waiters.pop_front().expect("head exists");
-            let grant = Grant {
-                holder_id: client.id,
+            },
+        };
+        let grant = Grant {
+            holder_id: client.id,
+            fence,
+            slot: held.slot,
+            mode: client.mode,
+        };
+        // The receiver lives in the Ticket, whose Drop removes the waiter
+        // under this mutex first, so a closed mailbox cannot happen here;
+        // if it ever did, `held` is dropped and the lock stays free.
+        if client.tx.send(Notice::Granted(grant)).is_ok() {
+            let now = SystemTime::now();
+            let waited = now.duration_since(client.since).unwrap_or_default();
+            client.since = now;
+            let what = EventKind::Granted {
                 fence,
                 slot: held.slot,
                 mode: client.mode,
+                owner: client.owner.clone(),
+                waited,
             };
-            // The receiver lives in the Ticket, whose Drop removes the waiter
-            // under this mutex first, so a closed channel cannot happen here;
-            // if it ever did, `held` is dropped and the lock stays free.
-            if client.tx.send(Notice::Granted(grant)).is_ok() {
-                let now = SystemTime::now();
-                let waited = now.duration_since(client.since).unwrap_or_default();
-                client.since = now;
-                let what = EventKind::Granted {
-                    fence,
-                    slot: held.slot,
-                    mode: client.mode,
-                    owner: client.owner.clone(),
-                    waited,
-                };
-                self.emit(key, client.id, what);
-                lock.holders.push(Holder {
-                    client,
-                    fence,
-                    held,
-                });
+            self.emit(key, client.id, what);
+            lock.holders.push(Holder {
+                client,
+                fence,
+                held,
+            });
+        }
+    }
+
+    /// What a kind calls when a lock it granted to holder `id` ends on the
+    /// backend's side.
+    fn on_lost(&self, key: Key, id: u64) -> crate::kinds::OnLost {
+        let table = Arc::downgrade(&self.shared);
+        Box::new(move |detail: String| {
+            if let Some(shared) = table.upgrade() {
+                LockTable { shared }.revoke(key.0, &key.1, id, LostReason::Backend, &detail);
+            }
+        })
+    }
+
+    /// Runs a network acquisition for waiter `id` and grants it (or fails
+    /// it) when it resolves.
+    fn spawn_contention(
+        &self,
+        key: Key,
+        id: u64,
+        contention: Contention,
+    ) -> tokio::task::AbortHandle {
+        let table = Arc::downgrade(&self.shared);
+        let task = tokio::spawn(async move {
+            let outcome = contention.await;
+            if let Some(shared) = table.upgrade() {
+                LockTable { shared }.finish_contention(&key, id, outcome);
+            }
+        });
+        task.abort_handle()
+    }
+
+    fn finish_contention(&self, key: &Key, id: u64, outcome: Result<Held, LockError>) {
+        let mut st = self.state();
+        let Some(lock) = st.locks.get_mut(key) else {
+            return;
+        };
+        if lock.contender.as_ref().is_none_or(|(c, _)| *c != id) {
+            return; // cancelled meanwhile; dropping `outcome` lets go of it
+        }
+        lock.contender = None;
+        if lock.waiters.front().is_some_and(|w| w.id == id) {
+            match outcome {
+                // Lost between being taken and now: contend again (pump).
+                Ok(held) if !held.is_alive() => drop(held),
+                Ok(held) => {
+                    let client = lock.waiters.pop_front().expect("head exists");
+                    self.grant(key, lock, client, held);
+                }
+                Err(err) => self.fail_head(key, lock, err),
             }
         }
-        false
+        self.pump(&mut st, key);
+        self.forget_if_idle(&mut st, key);
     }
 
     /// Removes the head of the queue with `err`.
@@ -609,6 +728,9 @@ impl LockTable {
             self.emit(key, id, EventKind::Released { held });
             self.pump(&mut st, key);
         } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
+            if let Some((_, task)) = lock.contender.take_if(|(c, _)| *c == id) {
+                task.abort();
+            }
             let waiter = lock.waiters.remove(i).expect("index is in range");
             self.emit(
                 key,
@@ -675,6 +797,9 @@ impl LockTable {
         let mut st = self.state();
         st.draining = true;
         for (key, lock) in std::mem::take(&mut st.locks) {
+            if let Some((_, task)) = lock.contender {
+                task.abort();
+            }
             for Holder { client, held, .. } in lock.holders {
                 drop(held);
                 let _ = client.tx.send(Notice::Lost {

@@ -1,0 +1,535 @@
+//! The redis kind against a real redis-server (started by the test, so it
+//! can be killed, restarted and paused) and the real portalocker 4.4.2.
+
+use padlock::{Client, Error, Kind, LostReason};
+use padlock_e2e::{RedisServer, Server, portalocker_python, read_line_starting, redis_opted_out};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// A Python process holding portalocker `RedisLock`s on command:
+/// `acquire TAG exclusive|shared TIMEOUT` answers `locked TAG FENCE` or
+/// `busy TAG`; `release TAG` answers `released TAG`.
+struct PyRedisLocks {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const PY_LOCKS: &str = r#"
+import sys, portalocker
+port, channel = int(sys.argv[1]), sys.argv[2]
+locks = {}
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == 'acquire':
+        tag, mode, timeout = cmd[1], cmd[2], float(cmd[3])
+        flags = portalocker.LockFlags.SHARED if mode == 'shared' else portalocker.LockFlags.EXCLUSIVE
+        lock = portalocker.RedisLock(channel, redis_kwargs={'port': port}, flags=flags, fencing=True,
+                                     interrupt_on_lost=False, timeout=timeout, fail_when_locked=(timeout == 0))
+        try:
+            lock.acquire()
+            locks[tag] = lock
+            print('locked', tag, lock.fence_token, flush=True)
+        except portalocker.AlreadyLocked:
+            print('busy', tag, flush=True)
+    elif cmd[0] == 'release':
+        locks.pop(cmd[1]).release()
+        print('released', cmd[1], flush=True)
+"#;
+
+impl PyRedisLocks {
+    fn start(python: &std::path::Path, redis: &RedisServer, channel: &str) -> PyRedisLocks {
+        let mut child = Command::new(python)
+            .args(["-c", PY_LOCKS, &redis.port.to_string(), channel])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start python");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        PyRedisLocks {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends a command and returns the answer line.
+    fn ask(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "python exited on {command:?}");
+        line.trim().to_string()
+    }
+
+    /// `acquire`; `Some(fence)` (0 for shared grants) or `None` if busy.
+    fn acquire(&mut self, tag: &str, mode: &str, timeout: f64) -> Option<u64> {
+        let answer = self.ask(&format!("acquire {tag} {mode} {timeout}"));
+        let words: Vec<&str> = answer.split(' ').collect();
+        match words[0] {
+            "locked" => Some(words[2].parse().unwrap_or(0)),
+            "busy" => None,
+            _ => panic!("unexpected answer {answer:?}"),
+        }
+    }
+
+    fn release(&mut self, tag: &str) {
+        assert_eq!(
+            self.ask(&format!("release {tag}")),
+            format!("released {tag}")
+        );
+    }
+}
+
+impl Drop for PyRedisLocks {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn padlockd_on(redis: &RedisServer) -> Server {
+    Server::start_with_args(&["--redis-url", &redis.url])
+}
+
+/// Waits until `client` sees `n` waiters on redis lock `name`.
+async fn until_waiters(client: &Client, name: &str, n: usize) {
+    loop {
+        if client
+            .show(name, Kind::Redis)
+            .await
+            .unwrap()
+            .is_some_and(|l| l.waiters.len() == n)
+        {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+const GUARD: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_url_the_kind_is_refused_with_a_hint() {
+    let server = Server::start();
+    let client = server.client().await;
+    match client.lock("r").redis().acquire().await {
+        Err(Error::Status(status)) => {
+            assert_eq!(status.code(), tonic_code_unavailable());
+            assert!(
+                status.message().contains("--redis-url"),
+                "{}",
+                status.message()
+            );
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    // File locks still work.
+    client
+        .lock("f")
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
+fn tonic_code_unavailable() -> tonic::Code {
+    tonic::Code::Unavailable
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portalocker_and_padlock_exclude_each_other_with_one_fence_sequence() {
+    if redis_opted_out() {
+        return;
+    }
+    let Some(python) = portalocker_python() else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    let mut py = PyRedisLocks::start(&python, &redis, "jobs/report");
+
+    // Python holds: padlock cannot take it, and waits.
+    let py_fence = py
+        .acquire("a", "exclusive", 5.0)
+        .expect("python gets a free lock");
+    assert!(
+        client
+            .lock("jobs/report")
+            .redis()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let waiter_client = server.client().await;
+    let waiter =
+        tokio::spawn(async move { waiter_client.lock("jobs/report").redis().acquire().await });
+    until_waiters(&client, "jobs/report", 1).await;
+    py.release("a");
+    let guard = tokio::time::timeout(GUARD, waiter)
+        .await
+        .expect("granted after the python release")
+        .unwrap()
+        .unwrap();
+    assert!(
+        guard.fence() > py_fence,
+        "padlock fence {} after python fence {py_fence}",
+        guard.fence()
+    );
+
+    // padlock holds: Python is refused, then gets it after the release.
+    assert_eq!(py.acquire("b", "exclusive", 0.0), None);
+    let padlock_fence = guard.fence();
+    guard.release().await.unwrap();
+    let py_fence = py
+        .acquire("c", "exclusive", 5.0)
+        .expect("python after padlock release");
+    assert!(
+        py_fence > padlock_fence,
+        "python fence {py_fence} after padlock fence {padlock_fence}"
+    );
+    py.release("c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_and_exclusive_mix_with_portalocker() {
+    if redis_opted_out() {
+        return;
+    }
+    let Some(python) = portalocker_python() else {
+        return;
+    };
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    let mut py = PyRedisLocks::start(&python, &redis, "db/schema");
+
+    let reader = client
+        .lock("db/schema")
+        .redis()
+        .shared()
+        .acquire()
+        .await
+        .unwrap();
+    assert!(
+        py.acquire("r", "shared", 5.0).is_some(),
+        "python reader joins a padlock reader"
+    );
+    assert_eq!(
+        py.acquire("w", "exclusive", 0.0),
+        None,
+        "python writer refused while readers hold"
+    );
+    assert!(
+        client
+            .lock("db/schema")
+            .redis()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_none(),
+        "padlock writer refused"
+    );
+    let reader2 = server
+        .client()
+        .await
+        .lock("db/schema")
+        .redis()
+        .shared()
+        .acquire()
+        .await
+        .unwrap();
+    reader.release().await.unwrap();
+    reader2.release().await.unwrap();
+    // Only the python reader is left: a padlock writer waits for it.
+    let writer_client = server.client().await;
+    let writer =
+        tokio::spawn(async move { writer_client.lock("db/schema").redis().acquire().await });
+    until_waiters(&client, "db/schema", 1).await;
+    py.release("r");
+    let writer = tokio::time::timeout(GUARD, writer)
+        .await
+        .expect("writer granted")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        py.acquire("r2", "shared", 0.0),
+        None,
+        "python reader refused while a padlock writer holds"
+    );
+    writer.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_padlockd_instances_share_one_lock_space() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = padlockd_on(&redis);
+    let b = padlockd_on(&redis);
+    let work = tempfile::tempdir().unwrap();
+    let counter = work.path().join("counter");
+    let fences = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let url = if i % 2 == 0 {
+            a.url.clone()
+        } else {
+            b.url.clone()
+        };
+        let client = Client::connect(url).await.unwrap();
+        let (fences, counter) = (fences.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                let guard = client.lock("counter").redis().acquire().await.unwrap();
+                fences.lock().await.push(guard.fence());
+                let n: u64 = std::fs::read_to_string(&counter)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                std::fs::write(&counter, (n + 1).to_string()).unwrap();
+                guard.release().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("rounds finish")
+            .unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "200");
+    let fences = fences.lock().await;
+    for pair in fences.windows(2) {
+        assert!(
+            pair[0] < pair[1],
+            "fence went from {} to {}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_an_instance_hands_its_locks_to_the_other() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mut a = padlockd_on(&redis);
+    let b = padlockd_on(&redis);
+    let held = a
+        .client()
+        .await
+        .lock("handoff")
+        .redis()
+        .acquire()
+        .await
+        .unwrap();
+    let b_client = b.client().await;
+    let waiter_client = b.client().await;
+    let waiter = tokio::spawn(async move { waiter_client.lock("handoff").redis().acquire().await });
+    until_waiters(&b_client, "handoff", 1).await;
+    let killed = Instant::now();
+    a.kill9();
+    let granted = tokio::time::timeout(GUARD, waiter)
+        .await
+        .expect("granted after kill -9")
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "waiter on the other instance granted {:?} after kill -9",
+        killed.elapsed()
+    );
+    assert!(granted.fence() > held.fence());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_death_is_noticed_and_fences_survive_its_restart() {
+    if redis_opted_out() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    let holders = vec![
+        client.lock("a").redis().acquire().await.unwrap(),
+        client.lock("b").redis().shared().acquire().await.unwrap(),
+        server
+            .client()
+            .await
+            .lock("b")
+            .redis()
+            .shared()
+            .acquire()
+            .await
+            .unwrap(),
+    ];
+    let last_fence = holders.iter().map(|g| g.fence()).max().unwrap();
+    let a_fence = holders[0].fence();
+    // A waiter queued behind "a" keeps waiting through the outage.
+    let waiter_client = server.client().await;
+    let waiter = tokio::spawn(async move { waiter_client.lock("a").redis().acquire().await });
+    until_waiters(&client, "a", 1).await;
+
+    let killed = Instant::now();
+    redis.kill9();
+    for guard in &holders {
+        let lost = tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .expect("lost within 5 s");
+        assert_eq!(lost.reason, LostReason::Backend, "{lost}");
+    }
+    eprintln!(
+        "every holder told within {:?} of kill -9 of redis",
+        killed.elapsed()
+    );
+
+    // While Redis is down, new redis acquires are refused clearly...
+    let refused = loop {
+        match client
+            .lock("c")
+            .redis()
+            .wait(Duration::from_secs(1))
+            .acquire()
+            .await
+        {
+            Err(Error::Status(status)) if status.code() == tonic_code_unavailable() => {
+                break status;
+            }
+            Ok(_) => panic!("granted a redis lock while redis is down"),
+            Err(_) => tokio::task::yield_now().await, // not noticed yet
+        }
+    };
+    assert!(refused.message().contains("redis"), "{}", refused.message());
+    // ...and file locks keep working.
+    client
+        .lock("file")
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    assert!(!waiter.is_finished(), "the waiter keeps waiting");
+
+    redis.restart();
+    let granted = tokio::time::timeout(GUARD, waiter)
+        .await
+        .expect("waiter granted once redis is back")
+        .unwrap()
+        .unwrap();
+    assert!(
+        granted.fence() > a_fence,
+        "fence {} after restart, {a_fence} before",
+        granted.fence()
+    );
+    // New acquires are accepted again once the monitor has seen Redis
+    // answer (at most one health interval after it is back).
+    let b = loop {
+        match client.lock("b").redis().acquire().await {
+            Ok(guard) => break guard,
+            Err(Error::Status(s)) if s.code() == tonic_code_unavailable() => {
+                tokio::task::yield_now().await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(
+        b.fence() > last_fence,
+        "fence {} after restart, {last_fence} before",
+        b.fence()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_noticed_within_the_bound() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    let guard = client.lock("hang").redis().acquire().await.unwrap();
+    let other = server
+        .client()
+        .await
+        .lock("hang2")
+        .redis()
+        .shared()
+        .acquire()
+        .await
+        .unwrap();
+    let paused = Instant::now();
+    redis.pause(true);
+    for g in [&guard, &other] {
+        let lost = tokio::time::timeout(Duration::from_secs(5), g.lost())
+            .await
+            .expect("told within 5 s");
+        assert_eq!(lost.reason, LostReason::Backend, "{lost}");
+    }
+    eprintln!("holders told {:?} after SIGSTOP of redis", paused.elapsed());
+    redis.pause(false);
+    // Back to normal once Redis answers: the lock can be taken again.
+    let again = loop {
+        match client
+            .lock("hang")
+            .redis()
+            .wait(Duration::from_secs(5))
+            .acquire()
+            .await
+        {
+            Ok(g) => break g,
+            Err(Error::Status(s)) if s.code() == tonic_code_unavailable() => {
+                tokio::task::yield_now().await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(again.fence() > guard.fence());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_holds_a_redis_lock() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let mut hold = server
+        .cli()
+        .args(["hold", "--kind", "redis", "cli/lock"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(hold.stdout.take().unwrap());
+    let line = read_line_starting(&mut out, "granted cli/lock");
+    assert!(line.contains("fence="), "{line}");
+    let status = server
+        .cli()
+        .args([
+            "run", "--kind", "redis", "--wait", "0", "cli/lock", "--", "true",
+        ])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(75));
+    hold.kill().unwrap();
+    hold.wait().unwrap();
+    let status = server
+        .cli()
+        .args([
+            "run", "--kind", "redis", "--wait", "10", "cli/lock", "--", "true",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
