@@ -123,7 +123,15 @@ struct Inner {
     /// The highest fence this process has handed out per name.
     fences_seen: Mutex<HashMap<String, u64>>,
     url: String,
+    /// Connected, authenticated connections waiting to become
+    /// subscriptions.
+    pool: Mutex<Vec<tokio::net::TcpStream>>,
+    refilling: AtomicBool,
+    me: std::sync::Weak<Inner>,
 }
+
+/// Idle connections kept ready for new subscriptions.
+const POOL_SIZE: usize = 4;
 
 /// Most names whose last fence is remembered; past it the memory is
 /// cleared (the Redis-clock epoch floor still applies).
@@ -150,7 +158,7 @@ impl RedisKind {
             .set_number_of_retries(1);
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| format!("redis: {e}"))?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
             client,
             commands,
             config,
@@ -160,6 +168,9 @@ impl RedisKind {
             next_key: AtomicU64::new(1),
             fences_seen: Mutex::new(HashMap::new()),
             url: url.to_string(),
+            pool: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+            me: me.clone(),
         });
         inner.check_health().await;
         tokio::spawn(monitor(Arc::downgrade(&inner)));
@@ -236,6 +247,7 @@ impl Inner {
                     tracing::warn!(%reason, "redis is down: every redis holder loses its lock");
                 }
                 *self.down_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.clone();
+                self.pool.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 let held: Vec<Arc<Participant>> = {
                     let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
                     held.drain().map(|(_, p)| p).collect()
@@ -276,6 +288,37 @@ impl Inner {
         client_name: Option<&str>,
         channels: &[&str],
     ) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
+        let (mut stream, pooled) = match self.take_pooled() {
+            Some(stream) => (stream, true),
+            None => (self.connect().await?, false),
+        };
+        self.refill_pool();
+        if let Some(name) = client_name {
+            let setname = redis::cmd("CLIENT").arg("SETNAME").arg(name).clone();
+            if let Err(e) = simple_command(&mut stream, &setname).await {
+                if !pooled {
+                    return Err(e);
+                }
+                // A pooled connection may have died while idle: once more
+                // on a fresh one.
+                stream = self.connect().await?;
+                simple_command(&mut stream, &setname).await?;
+            }
+        }
+        // Authenticated (and named) already; pub/sub ignores the database:
+        // nothing left for the client library to set up.
+        let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+        let mut pubsub = redis::aio::PubSub::new(&settings, stream).await?;
+        for channel in channels {
+            timeout(self.config.health_timeout, pubsub.subscribe(*channel))
+                .await
+                .map_err(|_| io_error("Redis did not confirm a subscription"))??;
+        }
+        Ok(pubsub.split())
+    }
+
+    /// A new authenticated connection to Redis.
+    async fn connect(&self) -> redis::RedisResult<tokio::net::TcpStream> {
         let info = self.client.get_connection_info();
         let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
             return Err(redis::RedisError::from((
@@ -297,16 +340,35 @@ impl Inner {
             auth.arg(password);
             simple_command(&mut stream, &auth).await?;
         }
-        if let Some(name) = client_name {
-            simple_command(&mut stream, redis::cmd("CLIENT").arg("SETNAME").arg(name)).await?;
+        Ok(stream)
+    }
+
+    fn take_pooled(&self) -> Option<tokio::net::TcpStream> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Keeps [`POOL_SIZE`] connections open and ready, so an acquisition
+    /// does not wait for a TCP handshake and authentication.
+    fn refill_pool(&self) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
         }
-        let mut pubsub = redis::aio::PubSub::new(settings, stream).await?;
-        for channel in channels {
-            timeout(self.config.health_timeout, pubsub.subscribe(*channel))
-                .await
-                .map_err(|_| io_error("Redis did not confirm a subscription"))??;
-        }
-        Ok(pubsub.split())
+        let Some(inner) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            while inner.pool.lock().unwrap_or_else(|e| e.into_inner()).len() < POOL_SIZE {
+                match inner.connect().await {
+                    Ok(stream) => inner
+                        .pool
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(stream),
+                    Err(_) => break,
+                }
+            }
+            inner.refilling.store(false, Ordering::Release);
+        });
     }
 
     /// Asks every subscriber of `name` for its holder record. `None` when

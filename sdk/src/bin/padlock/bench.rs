@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// flock held outside padlockd (as by portalocker or flock(1)).
     #[arg(long)]
     lock_dir: Option<std::path::PathBuf>,
+    /// The Redis the server uses (`redis://HOST:PORT`, no password): adds
+    /// the floor of the redis kind, a raw Redis lock round trip (`SET NX
+    /// PX`, then compare-and-delete) from this client to that Redis.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 /// Latency summary of one phase.
@@ -73,7 +78,16 @@ impl BenchArgs {
             .owner("padlock bench");
         match self.kind.as_str() {
             "semaphore" => builder.semaphore(1),
+            "redis" => builder.redis(),
             _ => builder,
+        }
+    }
+
+    fn kind(&self) -> padlock::Kind {
+        match self.kind.as_str() {
+            "semaphore" => padlock::Kind::Semaphore,
+            "redis" => padlock::Kind::Redis,
+            _ => padlock::Kind::File,
         }
     }
 }
@@ -95,9 +109,9 @@ where
 }
 
 pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), String> {
-    if !matches!(args.kind.as_str(), "file" | "semaphore") {
+    if !matches!(args.kind.as_str(), "file" | "semaphore" | "redis") {
         return Err(format!(
-            "--kind {}: the benchmark measures file or semaphore",
+            "--kind {}: the benchmark measures file, semaphore or redis",
             args.kind
         ));
     }
@@ -199,11 +213,7 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
             let _ = granted_tx.send((Instant::now(), guard));
         });
         let name = format!("{}/contended", args.prefix);
-        let kind = if args.kind == "semaphore" {
-            padlock::Kind::Semaphore
-        } else {
-            padlock::Kind::File
-        };
+        let kind = args.kind();
         loop {
             let info = client.show(&name, kind).await.map_err(err)?;
             if info.is_some_and(|l| l.waiters.len() == 1) {
@@ -235,11 +245,29 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
     }
 
     println!(
-        "\ncycle / floor at p50: {:.2}x (target <= 2.5x)",
+        "\ncycle / floor at p50: {:.2}x (target <= 2.5x for file and semaphore)",
         cycle.p50.as_secs_f64() / floor.p50.as_secs_f64()
     );
 
-    if args.held > 0 {
+    if let Some(url) = &args.redis_url {
+        let raw = redis_floor(url, phase).await?;
+        println!(
+            "\nfloor of the redis kind: raw Redis lock round trip (SET NX PX + compare-and-delete): p50 {}, p99 {}, {:.0} ops/s",
+            us(raw.p50),
+            us(raw.p99),
+            raw.ops_per_sec
+        );
+        println!(
+            "cycle / raw Redis lock at p50: {:.2}x (target <= 4x for the redis kind)",
+            cycle.p50.as_secs_f64() / raw.p50.as_secs_f64()
+        );
+    }
+
+    if args.held > 0 && args.kind == "redis" {
+        println!(
+            "\n(memory phase skipped for the redis kind: each held lock is one Redis connection)"
+        );
+    } else if args.held > 0 {
         held_memory(client, server, &args).await?;
     }
     Ok(())
@@ -329,4 +357,56 @@ async fn held_memory(client: &Client, server: &str, args: &BenchArgs) -> Result<
     );
     drop(guards);
     Ok(())
+}
+
+/// The classic single-Redis lock, measured raw: `SET key token NX PX ttl`,
+/// then a compare-and-delete script, over one plain connection.
+async fn redis_floor(url: &str, phase: Duration) -> Result<Summary, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let addr = url
+        .strip_prefix("redis://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|rest| !rest.contains('@'))
+        .ok_or_else(|| {
+            format!("--redis-url {url}: expected redis://HOST:PORT without a password")
+        })?;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let command = |args: &[&str]| {
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        out
+    };
+    let unlock = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+    let set = command(&["SET", "padlock-bench-raw", "token", "NX", "PX", "10000"]);
+    let del = command(&["EVAL", unlock, "1", "padlock-bench-raw", "token"]);
+    let mut line = String::new();
+    let mut round = async |cmd: &str, want: &str| -> Result<(), String> {
+        write
+            .write_all(cmd.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        line.clear();
+        read.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        if line.trim_end() == want {
+            Ok(())
+        } else {
+            Err(format!("raw Redis lock: expected {want}, got {line:?}"))
+        }
+    };
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < phase {
+        let t = Instant::now();
+        round(&set, "+OK").await?;
+        round(&del, ":1").await?;
+        samples.push(t.elapsed());
+    }
+    Ok(summarize(samples, start.elapsed()))
 }
