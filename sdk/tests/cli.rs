@@ -11,7 +11,7 @@ fn help_names_every_command() {
     let out = padlock().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for cmd in ["run", "hold", "list", "show", "bench"] {
+    for cmd in ["run", "hold", "list", "show", "bench", "health"] {
         assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
     }
 }

@@ -448,3 +448,18 @@ async fn cli_list_and_show_print_tables() {
     let out = server.cli().args(["show", "jobs/none"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_answers_serving() {
+    let server = Server::start();
+    assert!(server.client().await.health_check().await.unwrap());
+    let out = server.cli().arg("health").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "serving");
+    let out = server
+        .cli()
+        .args(["--server", "http://127.0.0.1:1", "health"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -62,6 +62,9 @@ enum Command {
     },
     /// Measure latency and throughput of a padlockd deployment.
     Bench(bench::BenchArgs),
+    /// Check that padlockd serves (standard gRPC health check): exit 0 when
+    /// it does, 1 otherwise. Usable as a container health check.
+    Health,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -165,6 +168,14 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 }
             }
         }
+        Command::Health => match client.health_check().await {
+            Ok(true) => {
+                println!("serving");
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(false) => Err("padlockd is not serving (draining?)".into()),
+            Err(e) => Err(e.to_string()),
+        },
         Command::Bench(args) => bench::run(&client, &cli.server, args)
             .await
             .map(|()| ExitCode::SUCCESS),
