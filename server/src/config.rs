@@ -1,6 +1,9 @@
-//! padlockd's settings: every flag has a `PADLOCK_*` environment twin.
+//! padlockd's settings: every flag has a `PADLOCK_*` environment twin and
+//! a key in the TOML file given by `--config` (the flag's name with `_` for
+//! `-`). Flags beat environment variables beat the file beat defaults.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +12,12 @@ use std::time::Duration;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "padlockd", version, about, long_about = None)]
 pub struct Config {
+    /// TOML file with settings; keys are the flag names with `_` for `-`
+    /// (e.g. `listen`, `lock_dir`, `redis_url`). Flags and environment
+    /// variables override it.
+    #[arg(long, env = "PADLOCK_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address for gRPC (port 0 picks a free port; the chosen address is
     /// printed on stdout as `padlockd listening on ADDR`).
     #[arg(long, env = "PADLOCK_LISTEN", default_value = "127.0.0.1:7420")]
@@ -82,6 +91,76 @@ pub struct Config {
 }
 
 impl Config {
+    /// Parses the command line, the environment and the `--config` file.
+    /// `Err` is a message for the user naming the key and the problem.
+    pub fn load() -> Result<Config, String> {
+        Config::load_from(std::env::args_os().collect())
+    }
+
+    /// [`Config::load`] from the given argument list (first: program name).
+    pub fn load_from(args: Vec<OsString>) -> Result<Config, String> {
+        let command = || Config::command().args_override_self(true);
+        let matches = command().try_get_matches_from(&args).map_err(clap_exit)?;
+        let Some(file) = matches.get_one::<PathBuf>("config") else {
+            return Config::from_arg_matches(&matches).map_err(|e| e.to_string());
+        };
+        let shown = file.display();
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read config file {shown}: {e}"))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            format!("config file {shown}: invalid TOML: {}", e.message())
+        })?;
+        let program = args.first().cloned().unwrap_or_else(|| "padlockd".into());
+        let mut merged = vec![program.clone()];
+        for (key, value) in &table {
+            let known = command()
+                .get_arguments()
+                .any(|a| a.get_id() == key.as_str() && key != "config");
+            if !known {
+                let mut keys: Vec<String> = command()
+                    .get_arguments()
+                    .map(|a| a.get_id().to_string())
+                    .filter(|k| k != "config" && k != "help" && k != "version")
+                    .collect();
+                keys.sort();
+                return Err(format!(
+                    "config file {shown}: unknown key `{key}` (known keys: {})",
+                    keys.join(", ")
+                ));
+            }
+            // Flags and environment variables win over the file.
+            if matches!(
+                matches.value_source(key),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            ) {
+                continue;
+            }
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "config file {shown}: key `{key}` must be a string or a number, not {}",
+                        other.type_str()
+                    ));
+                }
+            };
+            let flag = format!("--{}", key.replace('_', "-"));
+            // Check the value alone (ignoring the environment), so the
+            // error names the key.
+            command()
+                .mut_args(|a| a.env(None::<&'static str>))
+                .try_get_matches_from([program.clone(), flag.clone().into(), text.clone().into()])
+                .map_err(|e| format!("config file {shown}: key `{key}`: {}", clap_message(&e)))?;
+            merged.push(flag.into());
+            merged.push(text.into());
+        }
+        merged.extend(args.into_iter().skip(1));
+        let matches = command().try_get_matches_from(merged).map_err(clap_exit)?;
+        Config::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
     /// The lock directory, with the default filled in.
     pub fn lock_dir(&self) -> PathBuf {
         if let Some(dir) = &self.lock_dir {
@@ -136,6 +215,59 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    fn load(args: &[&str], toml: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("padlockd.toml");
+        std::fs::write(&file, toml).unwrap();
+        let mut argv: Vec<OsString> = vec!["padlockd".into(), "--config".into(), file.into()];
+        argv.extend(args.iter().map(OsString::from));
+        Config::load_from(argv)
+    }
+
+    #[test]
+    fn file_values_apply_and_flags_win() {
+        let config = load(
+            &["--max-locks", "7"],
+            "listen = \"0.0.0.0:9000\"\nmax_locks = 5\nkeepalive_timeout = \"3s\"\nlock_dir = \"/srv/locks\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.max_locks, 7, "the flag beats the file");
+        assert_eq!(config.keepalive_timeout, Duration::from_secs(3));
+        assert_eq!(config.lock_dir(), PathBuf::from("/srv/locks"));
+    }
+
+    #[test]
+    fn bad_files_name_the_key() {
+        let err = load(&[], "keepalive_timeout = \"soon\"").unwrap_err();
+        assert!(
+            err.contains("key `keepalive_timeout`") && err.contains("soon"),
+            "{err}"
+        );
+        let err = load(&[], "no_such_key = 1").unwrap_err();
+        assert!(
+            err.contains("unknown key `no_such_key`") && err.contains("lock_dir"),
+            "{err}"
+        );
+        let err = load(&[], "max_locks = [1]").unwrap_err();
+        assert!(
+            err.contains("key `max_locks` must be a string or a number"),
+            "{err}"
+        );
+        let err = load(&[], "listen = ").unwrap_err();
+        assert!(err.contains("invalid TOML"), "{err}");
+        let err = Config::load_from(vec![
+            "padlockd".into(),
+            "--config".into(),
+            "/nonexistent/x.toml".into(),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("cannot read config file /nonexistent/x.toml"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
@@ -146,4 +278,20 @@ mod tests {
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("soon").is_err());
     }
+}
+
+/// `--help` and `--version` print and exit; other clap errors are returned.
+fn clap_exit(e: clap::Error) -> String {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    clap_message(&e)
+}
+
+/// The first line of a clap error, without its `error: ` prefix.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }

@@ -1,11 +1,16 @@
 //! `padlockd`: parse the configuration, serve, shut down.
 
-use clap::Parser;
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = padlock_server::Config::parse();
+    let config = match padlock_server::Config::load() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("padlockd: {message}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

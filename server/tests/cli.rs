@@ -61,3 +61,91 @@ fn unusable_lock_dir_stops_startup() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot use lock directory"), "{err}");
 }
+
+/// Starts padlockd with `args` and `env`; `Ok` once it listens (then it is
+/// killed), `Err(stderr)` when it exits first.
+fn start(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = padlockd()
+        .args(["--lock-dir", dir.path().to_str().unwrap()])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("PADLOCK_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.starts_with("padlockd listening on ") {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        return Ok(());
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    child.wait().unwrap();
+    Err(err)
+}
+
+#[test]
+fn config_file_env_and_flags_take_precedence_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("padlockd.toml");
+    let config = file.to_str().unwrap();
+
+    // The file alone applies: a bad value in it stops startup, naming the key.
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\nkeepalive_timeout = \"soon\"\n",
+    )
+    .unwrap();
+    let err = start(&["--config", config], &[]).unwrap_err();
+    assert!(
+        err.contains("key `keepalive_timeout`") && err.contains("soon"),
+        "{err}"
+    );
+
+    // The environment beats the file: the file's bad value is not used.
+    let err = start(
+        &["--config", config],
+        &[
+            ("PADLOCK_KEEPALIVE_TIMEOUT", "2s"),
+            ("PADLOCK_LISTEN", "nowhere"),
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("--listen") && err.contains("nowhere"),
+        "env beats file for listen: {err}"
+    );
+    start(
+        &["--config", config],
+        &[("PADLOCK_KEEPALIVE_TIMEOUT", "2s")],
+    )
+    .expect("env overrides the bad file value");
+
+    // Flags beat the environment.
+    start(
+        &["--config", config, "--keepalive-timeout", "1s"],
+        &[("PADLOCK_KEEPALIVE_TIMEOUT", "never")],
+    )
+    .expect("the flag overrides the bad env value");
+
+    // PADLOCK_CONFIG names the file too.
+    let err = start(&[], &[("PADLOCK_CONFIG", config)]).unwrap_err();
+    assert!(err.contains("key `keepalive_timeout`"), "{err}");
+
+    // Unknown keys are refused.
+    std::fs::write(&file, "lsiten = \"127.0.0.1:0\"\n").unwrap();
+    let err = start(&["--config", config], &[]).unwrap_err();
+    assert!(err.contains("unknown key `lsiten`"), "{err}");
+}
