@@ -211,6 +211,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
 }
 
+/// `--help` and `--version` print and exit; other clap errors are returned.
+fn clap_exit(e: clap::Error) -> String {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    clap_message(&e)
+}
+
+/// The first line of a clap error, without its `error: ` prefix.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,20 +294,4 @@ mod tests {
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("soon").is_err());
     }
-}
-
-/// `--help` and `--version` print and exit; other clap errors are returned.
-fn clap_exit(e: clap::Error) -> String {
-    use clap::error::ErrorKind;
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        e.exit();
-    }
-    clap_message(&e)
-}
-
-/// The first line of a clap error, without its `error: ` prefix.
-fn clap_message(e: &clap::Error) -> String {
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or_default();
-    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
