@@ -83,11 +83,23 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Log format on stderr: `text` for people, `json` (one object per
+    /// line) for log collectors. `PADLOCK_LOG` sets the level filter.
+    #[arg(long, env = "PADLOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// File holding the admin token (one line). Mutating HTTP endpoints
     /// (revoke) need `Authorization: Bearer <token>`; without this flag
     /// they are disabled (403).
     #[arg(long, env = "PADLOCK_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Config {

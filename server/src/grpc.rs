@@ -16,6 +16,7 @@ use pb::hold_response::Msg as Out;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// The `padlock.v1.Padlock` service.
 pub struct PadlockService {
@@ -182,10 +183,16 @@ fn hold_stream(table: LockTable, inbound: Streaming<pb::HoldRequest>, peer: Stri
         peer,
         phase: Phase::Start,
     };
-    Box::pin(futures_util::stream::unfold(hold, |mut hold| async move {
-        let reply = hold.next().await?;
-        Some((reply, hold))
-    }))
+    // One span per stream: every log line of this lock carries its peer,
+    // name and holder id.
+    let span = tracing::info_span!("hold", peer = %hold.peer, name = tracing::field::Empty, id = tracing::field::Empty);
+    Box::pin(futures_util::stream::unfold(
+        (hold, span),
+        |(mut hold, span)| async move {
+            let reply = hold.next().instrument(span.clone()).await?;
+            Some((reply, (hold, span)))
+        },
+    ))
 }
 
 type HoldStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Reply> + Send>>;
@@ -242,7 +249,10 @@ impl Hold {
         let name = request.name.clone();
         match self.table.acquire(request) {
             Ok(ticket) => {
-                tracing::debug!(name = %printable(&name), id = ticket.id(), "acquire");
+                let span = tracing::Span::current();
+                span.record("name", printable(&name));
+                span.record("id", ticket.id());
+                tracing::debug!(kind = ticket.kind().as_str(), "queued");
                 let deadline = wait.map(|w| Instant::now() + w);
                 (
                     None,
@@ -278,7 +288,10 @@ impl Hold {
                     let queued = reply(Out::Queued(pb::Queued { position, holders }));
                     (Some(queued), Phase::Waiting { ticket, name, wait, deadline })
                 }
-                Some(Notice::Granted(grant)) => (Some(reply(granted(&grant))), Phase::Holding(ticket)),
+                Some(Notice::Granted(grant)) => {
+                    tracing::debug!(fence = grant.fence, "granted");
+                    (Some(reply(granted(&grant))), Phase::Holding(ticket))
+                }
                 Some(Notice::Failed(err)) => (Some(Err(status(err))), Phase::Done),
                 Some(Notice::Lost { .. }) | None => (None, Phase::Done),
             },
@@ -310,6 +323,7 @@ impl Hold {
         tokio::select! {
             notice = ticket.notices.recv() => match notice {
                 Some(Notice::Lost { reason, detail }) => {
+                    tracing::info!(?reason, %detail, "lost");
                     let lost = pb::Lost { reason: lost_to_wire(reason) as i32, detail };
                     (Some(reply(Out::Lost(lost))), Phase::Done)
                 }
