@@ -102,6 +102,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .with_nodelay(Some(true))
         .with_keepalive(Some(config.keepalive_interval));
 
+    let signal = shutdown_signal();
     // Tests and scripts wait for this line: the server accepts from now on.
     println!("padlockd listening on {addr}");
     let _ = std::io::stdout().flush();
@@ -111,7 +112,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let draining = {
         let table = table.clone();
         async move {
-            shutdown_signal().await;
+            signal.await;
             tracing::info!("shutting down: telling holders and waiters");
             health
                 .set_not_serving::<PadlockServer<PadlockService>>()
@@ -157,18 +158,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers at once (before padlockd says it
+/// listens, so an early SIGTERM still drains) and returns a future that
+/// resolves on the first of them.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop padlockd with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop padlockd with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
