@@ -160,22 +160,92 @@ pub enum Kind {
 pub struct Client {
     channel: Channel,
     owner: String,
+    /// `Bearer <token>` sent with every lock request, if any.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
-impl Client {
-    /// Connects to padlockd at `url` (e.g. `http://127.0.0.1:7420`).
-    pub async fn connect(url: impl Into<String>) -> Result<Client, Error> {
-        let url = url.into();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::InvalidUrl {
-                url: url.clone(),
-                detail: e.to_string(),
-            })?
+/// How to connect: TLS and a client token. Made by [`Client::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), padlock::Error> {
+/// let client = padlock::Client::builder("https://locks.internal:7420")
+///     .ca_certificate(std::fs::read("ca.pem").unwrap())
+///     .token("3f9c2b7e6a1d4c8e9b0a5f7d2c1e8b4a")
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ClientBuilder {
+    url: String,
+    ca_pem: Option<Vec<u8>>,
+    identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    token: Option<String>,
+}
+
+impl ClientBuilder {
+    /// Trust servers whose certificate chains to this CA (PEM). Needed for
+    /// `https://` URLs.
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) to a server that
+    /// requires client certificates (mutual TLS).
+    pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.identity_pem = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Send `authorization: Bearer <token>` with every lock request.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects (TLS when the URL is `https://`).
+    pub async fn connect(self) -> Result<Client, Error> {
+        let url = self.url;
+        let invalid = |detail: String| Error::InvalidUrl {
+            url: url.clone(),
+            detail,
+        };
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| invalid(e.to_string()))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        if url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            match self.ca_pem {
+                Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                None => {
+                    return Err(invalid(
+                        "an https:// URL needs a CA certificate (--ca-cert, PADLOCK_CA_CERT)"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some((cert, key)) = self.identity_pem {
+                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| invalid(e.to_string()))?;
+        } else if self.ca_pem.is_some() || self.identity_pem.is_some() {
+            return Err(invalid(
+                "TLS settings were given for a plain http:// URL; use https://".into(),
+            ));
+        }
+        let authorization = match self.token {
+            Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                invalid("the client token has characters that cannot be sent in a header".into())
+            })?),
+            None => None,
+        };
         let channel = endpoint
             .connect()
             .await
@@ -183,7 +253,23 @@ impl Client {
         Ok(Client {
             channel,
             owner: default_owner(),
+            authorization,
         })
+    }
+}
+
+impl Client {
+    /// Connects to padlockd at `url` (e.g. `http://127.0.0.1:7420`).
+    pub async fn connect(url: impl Into<String>) -> Result<Client, Error> {
+        Client::builder(url).connect().await
+    }
+
+    /// Connection settings beyond the URL: TLS, client certificate, token.
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            url: url.into(),
+            ..ClientBuilder::default()
+        }
     }
 
     /// Starts a request for the lock `name` (exclusive file lock unless the
@@ -201,8 +287,15 @@ impl Client {
         }
     }
 
-    fn grpc(&self) -> pb::padlock_client::PadlockClient<Channel> {
-        pb::padlock_client::PadlockClient::new(self.channel.clone())
+    fn grpc(
+        &self,
+    ) -> pb::padlock_client::PadlockClient<
+        tonic::service::interceptor::InterceptedService<Channel, Authorize>,
+    > {
+        pb::padlock_client::PadlockClient::with_interceptor(
+            self.channel.clone(),
+            Authorize(self.authorization.clone()),
+        )
     }
 
     /// Every lock the server knows (with holders or waiters), optionally
@@ -248,6 +341,24 @@ impl Client {
             })
             .await?;
         Ok(response.into_inner().status == ServingStatus::Serving as i32)
+    }
+}
+
+/// Adds the client token to every request.
+#[derive(Clone)]
+pub struct Authorize(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 }
 

@@ -88,6 +88,30 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Client tokens: one per line, optionally followed by the lock-name
+    /// prefix it may use. With it, every lock request needs
+    /// `authorization: Bearer <token>` (gRPC and HTTP).
+    #[arg(long, env = "PADLOCK_CLIENT_TOKEN_FILE")]
+    pub client_token_file: Option<PathBuf>,
+
+    /// TLS certificate chain (PEM) for gRPC and HTTP; needs --tls-key.
+    #[arg(long, env = "PADLOCK_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, env = "PADLOCK_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) for client certificates: with it, every client must
+    /// present a certificate signed by this CA (mutual TLS).
+    #[arg(long, env = "PADLOCK_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Most client connections at once; a connection over the limit gets
+    /// RESOURCE_EXHAUSTED (HTTP 503) on every request.
+    #[arg(long, env = "PADLOCK_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
     /// File holding the admin token (one line). Mutating HTTP endpoints
     /// (revoke) need `Authorization: Bearer <token>`; without this flag
     /// they are disabled (403).

@@ -4,6 +4,7 @@
 //! encode what it says. Domain errors become `Status` in one place
 //! ([`status`]).
 
+use crate::auth::Scope;
 use crate::locks::Ticket;
 use crate::locks::name::printable;
 use crate::locks::{
@@ -158,6 +159,8 @@ struct Hold {
     table: LockTable,
     inbound: Streaming<pb::HoldRequest>,
     peer: String,
+    /// What the client's token allows (`None`: no token file configured).
+    scope: Option<Scope>,
     phase: Phase,
 }
 
@@ -176,11 +179,17 @@ enum Phase {
 }
 
 /// The response stream of one Hold call.
-fn hold_stream(table: LockTable, inbound: Streaming<pb::HoldRequest>, peer: String) -> HoldStream {
+fn hold_stream(
+    table: LockTable,
+    inbound: Streaming<pb::HoldRequest>,
+    peer: String,
+    scope: Option<Scope>,
+) -> HoldStream {
     let hold = Hold {
         table,
         inbound,
         peer,
+        scope,
         phase: Phase::Start,
     };
     // One span per stream: every log line of this lock carries its peer,
@@ -247,6 +256,10 @@ impl Hold {
             Err(err) => return (Some(Err(status(err))), Phase::Done),
         };
         let name = request.name.clone();
+        if let Some(scope) = self.scope.as_ref().filter(|s| !s.allows(&name)) {
+            let denied = Status::permission_denied(scope.denied(&name));
+            return (Some(Err(denied)), Phase::Done);
+        }
         match self.table.acquire(request) {
             Ok(ticket) => {
                 let span = tracing::Span::current();
@@ -414,10 +427,12 @@ impl pb::padlock_server::Padlock for PadlockService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let scope = request.extensions().get::<Scope>().cloned();
         Ok(Response::new(hold_stream(
             self.table.clone(),
             request.into_inner(),
             peer,
+            scope,
         )))
     }
 
@@ -425,15 +440,18 @@ impl pb::padlock_server::Padlock for PadlockService {
         &self,
         request: Request<pb::ListLocksRequest>,
     ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        let scope = request.extensions().get::<Scope>().cloned();
         let req = request.into_inner();
         let kind = match req.kind {
             0 => None,
             k => Some(kind_from_wire(k).map_err(status)?),
         };
+        // A token limited to a prefix sees only the locks under it.
         let locks = self
             .table
             .list(kind, &req.prefix)
             .into_iter()
+            .filter(|lock| scope.as_ref().is_none_or(|s| s.allows(&lock.name)))
             .map(lock_to_wire)
             .collect();
         Ok(Response::new(pb::ListLocksResponse { locks }))
@@ -443,8 +461,12 @@ impl pb::padlock_server::Padlock for PadlockService {
         &self,
         request: Request<pb::GetLockRequest>,
     ) -> Result<Response<pb::LockInfo>, Status> {
+        let scope = request.extensions().get::<Scope>().cloned();
         let req = request.into_inner();
         let kind = kind_from_wire(req.kind).map_err(status)?;
+        if let Some(scope) = scope.filter(|s| !s.allows(&req.name)) {
+            return Err(Status::permission_denied(scope.denied(&req.name)));
+        }
         match self.table.get(kind, &req.name) {
             Some(view) => Ok(Response::new(lock_to_wire(view))),
             None => Err(Status::not_found(format!(

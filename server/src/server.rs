@@ -1,5 +1,6 @@
 //! Startup, serving and graceful shutdown.
 
+use crate::auth::{ClientTokens, GrpcAuth};
 use crate::config::Config;
 use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
@@ -10,8 +11,9 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Everything that can stop padlockd from starting.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,10 @@ pub enum StartError {
     State { dir: String, err: std::io::Error },
     #[error("{0}")]
     Redis(String),
+    #[error("{0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     AdminToken(#[from] crate::http::TokenError),
     #[error("cannot listen on {addr}: {err}")]
@@ -85,8 +91,21 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = PadlockServer::new(PadlockService::new(table.clone(), shown.clone()))
-        .max_decoding_message_size(config.max_message_bytes);
+    let tokens = match &config.client_token_file {
+        Some(path) => Some(Arc::new(
+            ClientTokens::from_file(path).map_err(StartError::Auth)?,
+        )),
+        None => None,
+    };
+    let auth = GrpcAuth::new(tokens.clone(), || {
+        tracing::debug!("refused a gRPC request without a valid client token")
+    });
+    let service = InterceptedService::new(
+        PadlockServer::new(PadlockService::new(table.clone(), shown.clone()))
+            .max_decoding_message_size(config.max_message_bytes),
+        auth,
+    );
+    let tls = tls_config(&config)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -98,9 +117,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr: config.listen,
         err,
     })?;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(config.keepalive_interval));
+    let (incoming, overflow) = crate::connections::accept(listener, config.max_connections);
 
     let signal = shutdown_signal();
     // Tests and scripts wait for this line: the server accepts from now on.
@@ -134,7 +151,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics,
         stop: stop_rx.clone(),
     };
-    let serve = Server::builder()
+    let builder = || match &tls {
+        Some(tls) => Server::builder().tls_config(tls.clone()),
+        None => Ok(Server::builder()),
+    };
+    let refuse = builder()
+        .map_err(tls_error)?
+        .accept_http1(true)
+        .add_routes(crate::connections::overflow_routes(config.max_connections))
+        .serve_with_incoming_shutdown(overflow, {
+            let mut stop_rx = stop_rx.clone();
+            async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            }
+        });
+    tokio::spawn(refuse);
+    let serve = builder()
+        .map_err(tls_error)?
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -189,4 +222,29 @@ fn raise_fd_limit() {
             tracing::warn!(%err, "cannot raise the open-file limit");
         }
     }
+}
+
+/// The TLS settings from `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| StartError::Tls(format!("cannot read {what} {}: {e}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "--tls-cert")?,
+        read(key, "--tls-key")?,
+    ));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
+    }
+    Ok(Some(tls))
+}
+
+/// A certificate or key rustls cannot use, with its cause.
+fn tls_error(err: tonic::transport::Error) -> StartError {
+    let cause = std::error::Error::source(&err).map_or_else(String::new, |c| format!(": {c}"));
+    StartError::Tls(format!("{err}{cause}"))
 }

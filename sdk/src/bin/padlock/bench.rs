@@ -6,7 +6,7 @@
 //! name, and the server's resident memory per held lock.
 
 use clap::Args;
-use padlock::{Client, LockBuilder};
+use padlock::{Client, ClientBuilder, LockBuilder};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -108,7 +108,12 @@ where
     Ok((samples, start.elapsed()))
 }
 
-pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), String> {
+pub async fn run(
+    client: &Client,
+    connection: &ClientBuilder,
+    server: &str,
+    args: BenchArgs,
+) -> Result<(), String> {
     if !matches!(args.kind.as_str(), "file" | "semaphore" | "redis") {
         return Err(format!(
             "--kind {}: the benchmark measures file, semaphore or redis",
@@ -168,7 +173,7 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
     // Many clients, distinct names, one connection each.
     let mut tasks = Vec::new();
     for i in 0..args.clients {
-        let c = Client::connect(server).await.map_err(err)?;
+        let c = connection.clone().connect().await.map_err(err)?;
         let builder = args.lock(&c, &format!("client-{i}"));
         tasks.push(tokio::spawn(async move {
             timed(phase, || {
@@ -196,7 +201,7 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
 
     // Handoff: the holder releases while exactly one waiter is queued; the
     // latency is from sending Release to the waiter holding the grant.
-    let waiter_client = Client::connect(server).await.map_err(err)?;
+    let waiter_client = connection.clone().connect().await.map_err(err)?;
     let mut holder = args
         .lock(client, "contended")
         .acquire()
@@ -268,7 +273,7 @@ pub async fn run(client: &Client, server: &str, args: BenchArgs) -> Result<(), S
             "\n(memory phase skipped for the redis kind: each held lock is one Redis connection)"
         );
     } else if args.held > 0 {
-        held_memory(client, server, &args).await?;
+        held_memory(client, connection, &args).await?;
     }
     Ok(())
 }
@@ -322,13 +327,17 @@ async fn outside_release(
 }
 
 /// Holds `args.held` locks at once and reports the server's RSS growth.
-async fn held_memory(client: &Client, server: &str, args: &BenchArgs) -> Result<(), String> {
+async fn held_memory(
+    client: &Client,
+    connection: &ClientBuilder,
+    args: &BenchArgs,
+) -> Result<(), String> {
     let err = |e: padlock::Error| e.to_string();
     let before = client.server_info().await.map_err(err)?;
     let per_connection = args.held.div_ceil(args.held_connections.max(1));
     let mut tasks = Vec::new();
     for c in 0..args.held_connections.max(1) {
-        let conn = Client::connect(server).await.map_err(err)?;
+        let conn = connection.clone().connect().await.map_err(err)?;
         let range = (c * per_connection)..((c + 1) * per_connection).min(args.held);
         let builders: Vec<LockBuilder> = range
             .map(|i| args.lock(&conn, &format!("held-{i}")))

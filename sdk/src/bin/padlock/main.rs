@@ -8,7 +8,7 @@
 mod bench;
 
 use clap::{Args, Parser, Subcommand};
-use padlock::{Client, Error, Kind, LockBuilder, LockGuard, proto};
+use padlock::{Client, ClientBuilder, Error, Kind, LockBuilder, LockGuard, proto};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,6 +28,29 @@ struct Cli {
     /// padlockd's gRPC address.
     #[arg(long, global = true, env = "PADLOCK_SERVER", default_value = padlock::DEFAULT_SERVER)]
     server: String,
+    /// CA bundle (PEM) that signed the server's certificate, for https:// servers.
+    #[arg(long, global = true, env = "PADLOCK_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers that require one (mutual TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "PADLOCK_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "PADLOCK_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<std::path::PathBuf>,
+    /// File holding the client token (first line). PADLOCK_TOKEN gives the
+    /// token itself.
+    #[arg(long, global = true, env = "PADLOCK_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -140,8 +163,38 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The connection settings from the global flags.
+fn connection(cli: &Cli) -> Result<ClientBuilder, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut builder = Client::builder(&cli.server);
+    if let Some(ca) = &cli.ca_cert {
+        builder = builder.ca_certificate(read(ca)?);
+    }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        builder = builder.identity(read(cert)?, read(key)?);
+    }
+    let token = match (&cli.token_file, std::env::var("PADLOCK_TOKEN")) {
+        (Some(file), _) => {
+            let text = String::from_utf8(read(file)?)
+                .map_err(|_| format!("{}: not UTF-8", file.display()))?;
+            Some(text.lines().next().unwrap_or_default().trim().to_string())
+        }
+        (None, Ok(token)) => Some(token),
+        (None, Err(_)) => None,
+    };
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        builder = builder.token(token);
+    }
+    Ok(builder)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let client = Client::connect(&cli.server)
+    let connection = connection(&cli)?;
+    let client = connection
+        .clone()
+        .connect()
         .await
         .map_err(|e| e.to_string())?;
     match cli.command {
@@ -176,7 +229,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(false) => Err("padlockd is not serving (draining?)".into()),
             Err(e) => Err(e.to_string()),
         },
-        Command::Bench(args) => bench::run(&client, &cli.server, args)
+        Command::Bench(args) => bench::run(&client, &connection, &cli.server, args)
             .await
             .map(|()| ExitCode::SUCCESS),
     }

@@ -1,0 +1,205 @@
+//! Client tokens: who may take which locks.
+//!
+//! With `--client-token-file FILE`, every lock request (gRPC `Padlock`
+//! service, HTTP lock endpoints) needs `authorization: Bearer <token>`. The
+//! file has one token per line, optionally followed by whitespace and the
+//! lock-name prefix that token may use; blank lines and `#` comments are
+//! skipped:
+//!
+//! ```text
+//! # token                           prefix (optional)
+//! 3f9c2b7e6a1d4c8e9b0a5f7d2c1e8b4a  billing/
+//! 8e1d5a9c3b7f2e6d0c4a8b1f5e9d3c7a
+//! ```
+//!
+//! Missing or unknown token: UNAUTHENTICATED (HTTP 401). A name outside the
+//! token's prefix: PERMISSION_DENIED (HTTP 403). Health, reflection and the
+//! admin endpoints are not covered (admin has its own token).
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// What a request's token allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// Lock names must start with this (`None`: any name).
+    pub prefix: Option<String>,
+}
+
+impl Scope {
+    /// Checks that `name` is within the scope.
+    pub fn allows(&self, name: &str) -> bool {
+        self.prefix.as_deref().is_none_or(|p| name.starts_with(p))
+    }
+
+    /// The error for a name outside the scope.
+    pub fn denied(&self, name: &str) -> String {
+        format!(
+            "this client token may only use lock names starting with '{}'; '{}' does not",
+            self.prefix.as_deref().unwrap_or(""),
+            crate::locks::name::printable(name)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing client token: send `authorization: Bearer <token>`")]
+    Missing,
+    #[error("invalid client token")]
+    Invalid,
+}
+
+/// The tokens of `--client-token-file`.
+#[derive(Debug, Default)]
+pub struct ClientTokens {
+    tokens: Vec<(Vec<u8>, Scope)>,
+}
+
+impl ClientTokens {
+    /// Reads a token file; `Err` names the file and line.
+    pub fn from_file(path: &Path) -> Result<ClientTokens, String> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read client token file {shown}: {e}"))?;
+        let tokens =
+            ClientTokens::parse(&text).map_err(|e| format!("client token file {shown}: {e}"))?;
+        if tokens.tokens.is_empty() {
+            return Err(format!("client token file {shown} has no tokens"));
+        }
+        Ok(tokens)
+    }
+
+    pub fn parse(text: &str) -> Result<ClientTokens, String> {
+        let mut tokens = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let token = words.next().unwrap_or_default();
+            let prefix = words.next().map(str::to_string);
+            if words.next().is_some() {
+                return Err(format!("line {}: expected `TOKEN [PREFIX]`", n + 1));
+            }
+            tokens.push((token.as_bytes().to_vec(), Scope { prefix }));
+        }
+        Ok(ClientTokens { tokens })
+    }
+
+    /// Checks an `authorization` header value.
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<Scope, AuthError> {
+        let header = authorization.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix(b"Bearer ")
+            .or_else(|| header.strip_prefix(b"bearer "))
+            .ok_or(AuthError::Invalid)?;
+        // Compare against every token in constant time per byte, so the
+        // timing says nothing about which token (or how much of it) matched.
+        let mut found = None;
+        for (candidate, scope) in &self.tokens {
+            if constant_time_eq(candidate, token) {
+                found = Some(scope.clone());
+            }
+        }
+        found.ok_or(AuthError::Invalid)
+    }
+}
+
+/// Equality whose time depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The gRPC interceptor: rejects requests without a valid token and
+/// attaches the token's [`Scope`] to those with one.
+#[derive(Clone)]
+pub struct GrpcAuth {
+    tokens: Option<Arc<ClientTokens>>,
+    on_failure: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl GrpcAuth {
+    /// `tokens: None` lets every request through (no token file).
+    pub fn new(
+        tokens: Option<Arc<ClientTokens>>,
+        on_failure: impl Fn() + Send + Sync + 'static,
+    ) -> GrpcAuth {
+        GrpcAuth {
+            tokens,
+            on_failure: Arc::new(on_failure),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for GrpcAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(request);
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        match tokens.check(header) {
+            Ok(scope) => {
+                request.extensions_mut().insert(scope);
+                Ok(request)
+            }
+            Err(err) => {
+                (self.on_failure)();
+                Err(tonic::Status::unauthenticated(err.to_string()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tokens_with_optional_prefixes() {
+        let tokens = ClientTokens::parse("# comment\n\nabc billing/\n  def  \n").unwrap();
+        assert_eq!(
+            tokens.check(Some(b"Bearer abc")).unwrap().prefix.as_deref(),
+            Some("billing/")
+        );
+        assert_eq!(tokens.check(Some(b"Bearer def")).unwrap().prefix, None);
+        assert!(matches!(
+            tokens.check(Some(b"Bearer abd")),
+            Err(AuthError::Invalid)
+        ));
+        assert!(matches!(
+            tokens.check(Some(b"abc")),
+            Err(AuthError::Invalid)
+        ));
+        assert!(matches!(tokens.check(None), Err(AuthError::Missing)));
+        assert!(ClientTokens::parse("a b c").is_err());
+    }
+
+    #[test]
+    fn scopes_check_prefixes() {
+        let scope = Scope {
+            prefix: Some("billing/".into()),
+        };
+        assert!(scope.allows("billing/run"));
+        assert!(!scope.allows("hr/run"));
+        assert!(scope.denied("hr/run").contains("billing/"));
+        assert!(Scope { prefix: None }.allows("anything"));
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
