@@ -78,6 +78,7 @@ impl AsyncWrite for Conn {
 pub fn accept(
     listener: TcpListener,
     max: usize,
+    keepalive: Duration,
 ) -> (
     impl Stream<Item = io::Result<Conn>>,
     impl Stream<Item = io::Result<TcpStream>>,
@@ -86,7 +87,7 @@ pub fn accept(
     let (over_tx, over_rx) = mpsc::channel::<TcpStream>(64);
     let within = futures_util::stream::unfold(
         (listener, permits, over_tx),
-        |(listener, permits, over_tx)| async move {
+        move |(listener, permits, over_tx)| async move {
             loop {
                 let stream = match listener.accept().await {
                     Ok((stream, _)) => stream,
@@ -98,6 +99,7 @@ pub fn accept(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                tcp_keepalive(&stream, keepalive);
                 match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let conn = Conn {
@@ -117,6 +119,21 @@ pub fn accept(
     );
     let over = tokio_stream::wrappers::ReceiverStream::new(over_rx);
     (within, tokio_stream::StreamExt::map(over, Ok))
+}
+
+/// TCP keepalive, for the clients HTTP/2 pings do not reach (HTTP/1.1): a
+/// peer that vanished is dropped after `every` of silence plus three
+/// unanswered probes `every` apart.
+fn tcp_keepalive(stream: &TcpStream, every: Duration) {
+    use rustix::net::sockopt;
+    let every = every.max(Duration::from_secs(1));
+    let set = sockopt::set_socket_keepalive(stream, true)
+        .and_then(|()| sockopt::set_tcp_keepidle(stream, every))
+        .and_then(|()| sockopt::set_tcp_keepintvl(stream, every))
+        .and_then(|()| sockopt::set_tcp_keepcnt(stream, 3));
+    if let Err(err) = set {
+        tracing::debug!(%err, "cannot set TCP keepalive");
+    }
 }
 
 /// Routes that refuse every request, for connections over the limit.
@@ -143,4 +160,38 @@ pub fn overflow_routes(max: usize) -> tonic::service::Routes {
         }
     };
     axum::Router::new().fallback(refuse).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn connections_carry_tcp_keepalive_and_respect_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (within, over) = accept(listener, 1, Duration::from_secs(4));
+        tokio::pin!(within);
+        tokio::pin!(over);
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let conn = within.next().await.unwrap().unwrap();
+        assert!(rustix::net::sockopt::socket_keepalive(&conn.io).unwrap());
+        assert_eq!(
+            rustix::net::sockopt::tcp_keepidle(&conn.io).unwrap(),
+            Duration::from_secs(4)
+        );
+        assert_eq!(rustix::net::sockopt::tcp_keepcnt(&conn.io).unwrap(), 3);
+        // The second connection is over the limit of 1.
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let next = tokio::select! {
+            c = within.next() => panic!("accepted over the limit: {:?}", c.map(|c| c.is_ok())),
+            o = over.next() => o,
+        };
+        assert!(next.unwrap().is_ok());
+        // Dropping the first frees its place.
+        drop(conn);
+        let _c = TcpStream::connect(addr).await.unwrap();
+        assert!(within.next().await.unwrap().is_ok());
+    }
 }

@@ -117,7 +117,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr: config.listen,
         err,
     })?;
-    let (incoming, overflow) = crate::connections::accept(listener, config.max_connections);
+    let (incoming, overflow) =
+        crate::connections::accept(listener, config.max_connections, config.keepalive_interval);
 
     let signal = shutdown_signal();
     // Tests and scripts wait for this line: the server accepts from now on.
