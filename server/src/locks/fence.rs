@@ -1,7 +1,7 @@
 //! Fencing tokens that never go backwards.
 //!
-//! Each (kind, name) has a counter file `<state-dir>/fences/<kind>/<name>`
-//! holding the last fence in decimal. A grant takes an exclusive flock on
+//! Each (kind, name) has a counter file under `<state-dir>/fences/<kind>/`
+//! holding the last fence in decimal (see [`counter_path`] for its name). A grant takes an exclusive flock on
 //! that file, reads it, writes the next value and unlocks, so two padlockd
 //! processes sharing one lock directory draw from one sequence.
 //!
@@ -56,13 +56,22 @@ impl Fences {
     /// out for it before, by this or any other process on this state dir.
     pub fn next(&self, kind: &str, name: &str) -> io::Result<u64> {
         let fd = self.root.open_file(
-            &format!("{kind}/{name}"),
+            &format!("{kind}/{}", counter_path(name)),
             OFlags::RDWR,
             Mode::from_raw_mode(0o644),
         )?;
         let floor = self.generation << GENERATION_SHIFT;
         update_locked(fd, |last| last.saturating_add(1).max(floor), false)
     }
+}
+
+/// Where the counter of lock `name` lives: directories end in `.d`, the
+/// file in `.fence`, so the counters of `a` (`a.fence`) and `a/b`
+/// (`a.d/b.fence`) never collide, whatever the names.
+pub fn counter_path(name: &str) -> String {
+    let mut path = name.replace('/', ".d/");
+    path.push_str(".fence");
+    path
 }
 
 /// Under an exclusive flock on `fd`, replaces the decimal number in the file
@@ -121,11 +130,21 @@ mod tests {
     }
 
     #[test]
+    fn nested_names_do_not_collide() {
+        assert_eq!(counter_path("a/b"), "a.d/b.fence");
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fences::open(dir.path()).unwrap();
+        for name in ["a", "a/b", "a.d", "a.fence/x", "a.fence"] {
+            f.next("semaphore", name).unwrap();
+        }
+    }
+
+    #[test]
     fn survives_a_rolled_back_counter() {
         let dir = tempfile::tempdir().unwrap();
         let a = Fences::open(dir.path()).unwrap();
         let before = a.next("file", "n").unwrap();
-        std::fs::write(dir.path().join("fences/file/n"), "0\n").unwrap();
+        std::fs::write(dir.path().join("fences/file/n.fence"), "0\n").unwrap();
         drop(a);
         let b = Fences::open(dir.path()).unwrap();
         assert!(b.next("file", "n").unwrap() > before);
