@@ -266,7 +266,9 @@ impl Hold {
                 span.record("name", printable(&name));
                 span.record("id", ticket.id());
                 tracing::debug!(kind = ticket.kind().as_str(), "queued");
-                let deadline = wait.map(|w| Instant::now() + w);
+                // A try-lock (wait 0) is answered by the table (or, for
+                // Redis, by its one network attempt), not by a timer.
+                let deadline = wait.filter(|w| !w.is_zero()).map(|w| Instant::now() + w);
                 (
                     None,
                     Phase::Waiting {

@@ -499,6 +499,22 @@ async fn a_hung_redis_is_noticed_within_the_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_lock_on_a_free_redis_lock_is_granted() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    let guard = client.lock("try/free").redis().try_acquire().await.unwrap();
+    let guard = guard.expect("a free redis lock is granted to a try-lock");
+    assert!(client.lock("try/free").redis().try_acquire().await.unwrap().is_none());
+    guard.release().await.unwrap();
+    let shared = client.lock("try/free").redis().shared().try_acquire().await.unwrap();
+    assert!(shared.is_some(), "free again after the release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_holds_a_redis_lock() {
     if redis_opted_out() {
         return;
