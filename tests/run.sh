@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs padlock's whole test suite on a fresh machine: installs what the
 # tests need when it is missing (a Python venv with portalocker 4.4.2,
-# flock(1), redis-server), builds the binaries, then runs `cargo test --workspace`.
+# flock(1), redis-server, Chromium and chromedriver), builds the binaries,
+# then runs `cargo test --workspace`.
 #
 # Opt-outs (for a machine without them, never in CI):
 #   PADLOCK_SKIP_PORTALOCKER=1   skip the portalocker interop tests
+#   PADLOCK_SKIP_BROWSER=1       skip the dashboard test in headless Chromium
 #   PADLOCK_SKIP_REDIS=1         skip the tests that need redis-server
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,12 @@ apt_install() {
 }
 
 command -v flock >/dev/null || apt_install util-linux
+
+if [ "${PADLOCK_SKIP_BROWSER:-}" != 1 ]; then
+    { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } ||
+        apt_install chromium chromium-driver
+fi
+
 if [ "${PADLOCK_SKIP_REDIS:-}" != 1 ]; then
     # The redis tests start their own redis-server on a free port.
     command -v redis-server >/dev/null || apt_install redis-server

@@ -1,11 +1,14 @@
 //! padlockd: a network lock server.
 //!
-//! Data flows one way: transport ([`grpc`]) -> lock table ([`locks`]) ->
+//! Data flows one way: transport ([`grpc`], [`http`]) -> lock table ([`locks`]) ->
 //! kind ([`kinds`]) -> the OS; events flow back through the same holder.
 //! [`run`] wires them together from a [`Config`].
 
+pub mod auth;
 pub mod config;
+mod connections;
 pub mod grpc;
+pub mod http;
 pub mod kinds;
 pub mod locks;
 mod server;

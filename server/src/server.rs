@@ -90,6 +90,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     health.set_serving::<PadlockServer<PadlockService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let tokens = match &config.client_token_file {
         Some(path) => Some(Arc::new(
@@ -97,8 +98,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )),
         None => None,
     };
-    let auth = GrpcAuth::new(tokens.clone(), || {
-        tracing::debug!("refused a gRPC request without a valid client token")
+    let auth = GrpcAuth::new(tokens.clone(), {
+        let metrics = metrics.clone();
+        move || {
+            metrics
+                .grpc_auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!("refused a gRPC request without a valid client token");
+        }
     });
     let service = InterceptedService::new(
         PadlockServer::new(PadlockService::new(table.clone(), shown.clone()))
@@ -132,8 +139,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         async move {
             signal.await;
             tracing::info!("shutting down: telling holders and waiters");
+            // Not serving, for the lock service and the server as a whole
+            // (service ""), before anything else: balancers stop sending.
             health
                 .set_not_serving::<PadlockServer<PadlockService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             table.drain();
             let _ = stop_tx.send(true);
@@ -151,6 +163,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         admin: Arc::new(admin),
         metrics,
         stop: stop_rx.clone(),
+        clients: tokens.clone(),
     };
     let builder = || match &tls {
         Some(tls) => Server::builder().tls_config(tls.clone()),

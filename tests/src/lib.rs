@@ -4,6 +4,8 @@
 //! Everything here synchronizes on events (a line printed, a process
 //! exiting, a message received), never on sleeps.
 
+pub mod http;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

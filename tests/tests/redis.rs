@@ -411,6 +411,13 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
         }
     };
     assert!(refused.message().contains("redis"), "{}", refused.message());
+    // ...and the server says it is not ready.
+    let readyz = reqwest::get(format!("{}/readyz", server.url))
+        .await
+        .unwrap();
+    assert_eq!(readyz.status().as_u16(), 503);
+    let body = readyz.text().await.unwrap();
+    assert!(body.contains("redis"), "{body}");
     // ...and file locks keep working.
     client
         .lock("file")
@@ -448,6 +455,14 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
         b.fence() > last_fence,
         "fence {} after restart, {last_fence} before",
         b.fence()
+    );
+    let readyz = reqwest::get(format!("{}/readyz", server.url))
+        .await
+        .unwrap();
+    assert_eq!(
+        readyz.status().as_u16(),
+        200,
+        "ready again once redis answers"
     );
 }
 
@@ -508,9 +523,23 @@ async fn try_lock_on_a_free_redis_lock_is_granted() {
     let client = server.client().await;
     let guard = client.lock("try/free").redis().try_acquire().await.unwrap();
     let guard = guard.expect("a free redis lock is granted to a try-lock");
-    assert!(client.lock("try/free").redis().try_acquire().await.unwrap().is_none());
+    assert!(
+        client
+            .lock("try/free")
+            .redis()
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_none()
+    );
     guard.release().await.unwrap();
-    let shared = client.lock("try/free").redis().shared().try_acquire().await.unwrap();
+    let shared = client
+        .lock("try/free")
+        .redis()
+        .shared()
+        .try_acquire()
+        .await
+        .unwrap();
     assert!(shared.is_some(), "free again after the release");
 }
 

@@ -193,6 +193,16 @@ async fn client_tokens_authenticate_and_limit_names() {
         code(wrong.lock("billing/x").acquire().await),
         tonic::Code::Unauthenticated
     );
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("padlock_grpc_client_auth_failures_total 2\n"),
+        "{metrics}"
+    );
 
     let billing = Client::builder(server.url.clone())
         .token("billing-token-0123456789")

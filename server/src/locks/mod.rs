@@ -825,6 +825,18 @@ impl LockTable {
         }
     }
 
+    /// The kinds whose backend refuses requests right now (Redis down).
+    pub fn unavailable(&self) -> Vec<(Kind, LockError)> {
+        let mut down: Vec<(Kind, LockError)> = self
+            .shared
+            .kinds
+            .iter()
+            .filter_map(|(kind, backend)| backend.check_available().err().map(|e| (*kind, e)))
+            .collect();
+        down.sort_by_key(|(kind, _)| *kind);
+        down
+    }
+
     pub fn is_draining(&self) -> bool {
         self.state().draining
     }

@@ -1,0 +1,206 @@
+//! Inspection and admin: list locks, show one, revoke a holder.
+//!
+//! Lock names may contain `/`, so everything under `/v1/locks/` is one
+//! wildcard route, split here by method: `GET` takes the whole rest as the
+//! name, `POST` wants `<name>/hold`, `DELETE` wants `<name>/holders/<id>`.
+//! A lock named `a/hold` is still shown by `GET /v1/locks/a/hold`.
+
+use super::error::{ApiError, ErrorBody, LockPath, Query};
+use super::model::{HolderRef, KindQuery, ListQuery, Lock, LockList, Revoked, unix_ms};
+use super::{App, denied, peer};
+use crate::locks::name::{self, printable};
+use crate::locks::{Kind, LostReason};
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use std::time::SystemTime;
+
+/// Page size when none is asked for, and the largest one allowed.
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1000;
+
+/// List locks that have holders or waiters.
+#[utoipa::path(
+    get,
+    path = "/v1/locks",
+    tag = "locks",
+    params(ListQuery),
+    security((), ("client_token" = [])),
+    responses(
+        (status = 200, description = "A page of locks, sorted by name then kind (with a client \
+            token: only the names it may use)", body = LockList),
+        (status = 400, description = "Bad parameter (unknown kind, page size, cursor)", body = ErrorBody),
+        (status = 401, description = "Client tokens are required and none or an unknown one was sent", body = ErrorBody),
+    )
+)]
+pub async fn list_locks(
+    State(app): State<App>,
+    Query(q): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Result<Json<LockList>, ApiError> {
+    let scope = app.access(&headers)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit {limit} is out of range: pages hold 1 to {MAX_PAGE} locks"
+        )));
+    }
+    let prefix = q.prefix.unwrap_or_default();
+    if prefix.len() > name::MAX_NAME_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "prefix is longer than the longest lock name ({} bytes)",
+            name::MAX_NAME_BYTES
+        )));
+    }
+    let after = q.cursor.as_deref().map(parse_cursor).transpose()?;
+    let mut views = app.table.list(q.kind.map(Kind::from), &prefix);
+    if let Some(scope) = &scope {
+        views.retain(|v| scope.allows(&v.name));
+    }
+    let start = match &after {
+        Some((kind, name)) => views.partition_point(|v| (v.name.as_str(), v.kind) <= (name, *kind)),
+        None => 0,
+    };
+    let rest = views.len() - start;
+    let page: Vec<Lock> = views
+        .into_iter()
+        .skip(start)
+        .take(limit as usize)
+        .map(Lock::from)
+        .collect();
+    let next_cursor = match page.last() {
+        Some(last) if rest > page.len() => {
+            Some(format!("{}:{}", Kind::from(last.kind).as_str(), last.name))
+        }
+        _ => None,
+    };
+    Ok(Json(LockList {
+        locks: page,
+        next_cursor,
+        now_unix_ms: unix_ms(SystemTime::now()),
+    }))
+}
+
+/// A cursor is `<kind>:<name>` of the last lock of the previous page.
+fn parse_cursor(cursor: &str) -> Result<(Kind, &str), ApiError> {
+    let bad = || ApiError::bad_request("bad cursor: pass the next_cursor of the previous page");
+    let (kind, name) = cursor.split_once(':').ok_or_else(bad)?;
+    let kind = match kind {
+        "file" => Kind::File,
+        "semaphore" => Kind::Semaphore,
+        "redis" => Kind::Redis,
+        _ => return Err(bad()),
+    };
+    Ok((kind, name))
+}
+
+fn kind_of(q: &KindQuery) -> Kind {
+    q.kind.map_or(Kind::File, Kind::from)
+}
+
+fn checked(name: &str) -> Result<&str, ApiError> {
+    Ok(name::validate(name)?)
+}
+
+/// One lock. Names may contain `/` (`GET /v1/locks/reports/nightly`).
+#[utoipa::path(
+    get,
+    path = "/v1/locks/{name}",
+    tag = "locks",
+    params(
+        ("name" = String, Path, description = "Lock name; may contain '/'"),
+        KindQuery,
+    ),
+    security((), ("client_token" = [])),
+    responses(
+        (status = 200, description = "The lock", body = Lock),
+        (status = 400, description = "Bad name or kind", body = ErrorBody),
+        (status = 401, description = "Client tokens are required and none or an unknown one was sent", body = ErrorBody),
+        (status = 403, description = "The client token may not use this name", body = ErrorBody),
+        (status = 404, description = "Nobody holds or waits for this lock", body = ErrorBody),
+    )
+)]
+pub async fn get_lock(
+    State(app): State<App>,
+    LockPath(name): LockPath,
+    Query(q): Query<KindQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Lock>, ApiError> {
+    let scope = app.access(&headers)?;
+    let kind = kind_of(&q);
+    let name = checked(&name)?;
+    if let Some(scope) = scope.filter(|s| !s.allows(name)) {
+        return Err(denied(&scope, name));
+    }
+    match app.table.get(kind, name) {
+        Some(view) => Ok(Json(view.into())),
+        None => Err(ApiError::not_found(format!(
+            "no {} lock named '{}' is held or waited for",
+            kind.as_str(),
+            printable(name)
+        ))),
+    }
+}
+
+/// Revoke a holder: its lock is released, it is told `lost` (reason
+/// `revoked`), and the next waiter is granted.
+#[utoipa::path(
+    delete,
+    path = "/v1/locks/{name}/holders/{id}",
+    tag = "admin",
+    params(
+        ("name" = String, Path, description = "Lock name; may contain '/'"),
+        ("id" = String, Path, description = "Holder id (from the lock's holders)"),
+        KindQuery,
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Revoked", body = Revoked),
+        (status = 400, description = "Bad name, id or kind", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 403, description = "No admin token configured: admin endpoints are disabled", body = ErrorBody),
+        (status = 404, description = "No such holder", body = ErrorBody),
+    )
+)]
+pub async fn revoke(
+    State(app): State<App>,
+    LockPath(rest): LockPath,
+    Query(q): Query<KindQuery>,
+    headers: HeaderMap,
+    conn: Option<axum::Extension<tonic::transport::server::TcpConnectInfo>>,
+) -> Result<Json<Revoked>, ApiError> {
+    // Who may ask comes before what is asked: no probing without a token.
+    app.admin.authorize(&headers)?;
+    let Some((name, id)) = rest
+        .rsplit_once('/')
+        .and_then(|(left, id)| Some((left.strip_suffix("/holders")?, id)))
+    else {
+        return Err(ApiError::not_found(
+            "DELETE takes /v1/locks/{name}/holders/{id}",
+        ));
+    };
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::bad_request(format!("holder id '{}' is not a number", printable(id)))
+    })?;
+    let kind = kind_of(&q);
+    let name = checked(name)?;
+    let detail = format!("revoked by an administrator (HTTP, from {})", peer(conn));
+    if !app
+        .table
+        .revoke(kind, name, id, LostReason::Revoked, &detail)
+    {
+        return Err(ApiError::not_found(format!(
+            "{} lock '{}' has no holder with id {id}",
+            kind.as_str(),
+            printable(name)
+        )));
+    }
+    tracing::info!(name = %printable(name), kind = kind.as_str(), id, "revoked over HTTP");
+    Ok(Json(Revoked {
+        revoked: HolderRef {
+            name: name.to_string(),
+            kind: kind.into(),
+            id: id.to_string(),
+        },
+    }))
+}
