@@ -18,7 +18,7 @@
 //!    readers promotes itself to `exclusive` and confirms with one more
 //!    probe (a rival that promoted on a stale view demotes);
 //! 4. the fence is `INCR <name>-fence` (portalocker's fencing key), lifted
-//!    above an epoch floor after a Redis restart (see [`FENCE_SCRIPT`]).
+//!    above an epoch floor after a Redis restart (see [`FENCE_BODY`]).
 //!
 //! Every subscriber answers pings from its reader task, publishing through
 //! the one shared command connection. Nothing but well-formed pings is ever
@@ -41,7 +41,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep, timeout};
@@ -58,7 +58,8 @@ const PROTOCOL_VERSION: u64 = 1;
 /// time puts every later fence above every earlier one, as long as fewer
 /// than 2^20 fences per second of the previous run's uptime were drawn.
 /// Lua numbers are doubles: the floor stays below 2^53, so it is exact.
-pub const FENCE_SCRIPT: &str = r#"
+/// Leaves the fence in `v`.
+pub const FENCE_BODY: &str = r#"
 local v = redis.call('INCR', KEYS[1])
 local floor = tonumber(ARGV[1])
 local t = redis.call('TIME')
@@ -70,8 +71,22 @@ if v < floor then
   redis.call('SET', KEYS[1], string.format('%d', floor))
   v = floor
 end
-return v
 "#;
+
+/// Draws a fence (KEYS[1] = `<name>-fence`).
+static FENCE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{FENCE_BODY}\nreturn v")));
+
+/// `PUBSUB NUMSUB` of the lock channel (KEYS[2]) and, when the caller is
+/// its only subscriber, a fence, in one round trip: `{subscribers, fence}`
+/// (fence 0 when not alone). Being alone and drawing the fence happen
+/// atomically, exactly when the lock is known to be ours.
+static FENCE_IF_ALONE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "local n = redis.call('PUBSUB', 'NUMSUB', KEYS[2])[2]\n\
+         if n > 1 then return {{n, 0}} end\n{FENCE_BODY}\nreturn {{n, v}}"
+    ))
+});
 
 /// Settings of the redis kind.
 #[derive(Debug, Clone)]
@@ -288,32 +303,31 @@ impl Inner {
         client_name: Option<&str>,
         channels: &[&str],
     ) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
-        let (mut stream, pooled) = match self.take_pooled() {
+        let (stream, pooled) = match self.take_pooled() {
             Some(stream) => (stream, true),
             None => (self.connect().await?, false),
         };
         self.refill_pool();
-        if let Some(name) = client_name {
-            let setname = redis::cmd("CLIENT").arg("SETNAME").arg(name).clone();
-            if let Err(e) = simple_command(&mut stream, &setname).await {
-                if !pooled {
-                    return Err(e);
-                }
-                // A pooled connection may have died while idle: once more
-                // on a fresh one.
-                stream = self.connect().await?;
-                simple_command(&mut stream, &setname).await?;
-            }
-        }
-        // Authenticated (and named) already; pub/sub ignores the database:
-        // nothing left for the client library to set up.
-        let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
-        let mut pubsub = redis::aio::PubSub::new(&settings, stream).await?;
-        for channel in channels {
-            timeout(self.config.health_timeout, pubsub.subscribe(*channel))
+        let handshake = |stream| {
+            timeout(
+                self.config.health_timeout,
+                name_and_subscribe(stream, client_name, channels),
+            )
+        };
+        let stream = match handshake(stream).await {
+            Ok(Ok(stream)) => stream,
+            // A pooled connection may have died while idle: once more on a
+            // fresh one.
+            _ if pooled => handshake(self.connect().await?)
                 .await
-                .map_err(|_| io_error("Redis did not confirm a subscription"))??;
-        }
+                .map_err(|_| io_error("Redis did not confirm a subscription"))??,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io_error("Redis did not confirm a subscription").into()),
+        };
+        // Authenticated, named and subscribed already; pub/sub ignores the
+        // database: nothing left for the client library to set up.
+        let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+        let pubsub = redis::aio::PubSub::new(&settings, stream).await?;
         Ok(pubsub.split())
     }
 
@@ -457,22 +471,88 @@ impl Inner {
     }
 
     async fn draw_fence(&self, name: &str) -> redis::RedisResult<u64> {
-        let floor = {
-            let seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner());
-            seen.get(name).map_or(0, |f| f + 1)
-        };
-        let fence: u64 = redis::Script::new(FENCE_SCRIPT)
+        let fence: u64 = FENCE
             .key(format!("{name}-fence"))
-            .arg(floor)
+            .arg(self.fence_floor(name))
             .invoke_async(&mut self.commands())
             .await?;
+        self.saw_fence(name, fence);
+        Ok(fence)
+    }
+
+    /// The subscriber count of `name` and, when it is 1 (the caller), a
+    /// fence drawn in the same round trip.
+    async fn fence_if_alone(&self, name: &str) -> redis::RedisResult<(u64, Option<u64>)> {
+        let (subscribers, fence): (u64, u64) = FENCE_IF_ALONE
+            .key(format!("{name}-fence"))
+            .key(name)
+            .arg(self.fence_floor(name))
+            .invoke_async(&mut self.commands())
+            .await?;
+        if subscribers > 1 {
+            return Ok((subscribers, None));
+        }
+        self.saw_fence(name, fence);
+        Ok((subscribers, Some(fence)))
+    }
+
+    /// One above the last fence this process saw for `name`.
+    fn fence_floor(&self, name: &str) -> u64 {
+        let seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(name).map_or(0, |f| f + 1)
+    }
+
+    fn saw_fence(&self, name: &str, fence: u64) {
         let mut seen = self.fences_seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= FENCES_SEEN_CAP && !seen.contains_key(name) {
             seen.clear();
         }
         seen.insert(name.to_string(), fence);
-        Ok(fence)
     }
+}
+
+/// Names the connection and subscribes it in one round trip (the commands
+/// are pipelined), checking every reply, so the name is set before the
+/// subscription exists, as portalocker's reaper expects.
+async fn name_and_subscribe(
+    mut stream: tokio::net::TcpStream,
+    client_name: Option<&str>,
+    channels: &[&str],
+) -> redis::RedisResult<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    if let Some(name) = client_name {
+        out.extend(
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(name)
+                .get_packed_command(),
+        );
+    }
+    for channel in channels {
+        out.extend(redis::cmd("SUBSCRIBE").arg(*channel).get_packed_command());
+    }
+    stream.write_all(&out).await?;
+    if client_name.is_some() {
+        read_ok(&mut stream).await?;
+    }
+    for (n, channel) in channels.iter().enumerate() {
+        let expected = format!(
+            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{channel}\r\n:{}\r\n",
+            channel.len(),
+            n + 1
+        );
+        let mut reply = vec![0u8; expected.len()];
+        stream.read_exact(&mut reply).await?;
+        if reply != expected.as_bytes() {
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "unexpected SUBSCRIBE reply",
+                text,
+            )));
+        }
+    }
+    Ok(stream)
 }
 
 /// Sends one command on a raw connection and reads its one-line reply.
@@ -481,23 +561,26 @@ async fn simple_command(
     cmd: &redis::Cmd,
 ) -> redis::RedisResult<()> {
     stream.write_all(&cmd.get_packed_command()).await?;
-    let mut line = Vec::new();
-    loop {
-        let byte = stream.read_u8().await?;
-        line.push(byte);
-        if line.ends_with(b"\r\n") || line.len() > 4096 {
-            break;
-        }
+    read_ok(stream).await
+}
+
+/// Reads the reply `+OK`; an error reply (`-...`) becomes an error.
+async fn read_ok(stream: &mut tokio::net::TcpStream) -> redis::RedisResult<()> {
+    let mut line = vec![0u8; 5];
+    stream.read_exact(&mut line).await?;
+    if line == b"+OK\r\n" {
+        return Ok(());
     }
-    if line.first() == Some(&b'-') {
-        let text = String::from_utf8_lossy(&line).trim().to_string();
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "Redis refused",
-            text,
-        )));
+    // Not OK: read the rest of the line, to say what it was.
+    while !line.ends_with(b"\r\n") && line.len() < 4096 {
+        line.push(stream.read_u8().await?);
     }
-    Ok(())
+    let text = String::from_utf8_lossy(&line).trim().to_string();
+    Err(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "Redis refused",
+        text,
+    )))
 }
 
 fn io_error(message: &str) -> std::io::Error {
@@ -862,7 +945,15 @@ impl Contender {
         if self.participant.is_none() {
             self.join().await?;
         }
-        let subscribers = self.inner.numsub(&self.name).await?;
+        let mut fence = None;
+        let subscribers = if self.exclusive() {
+            self.inner.numsub(&self.name).await?
+        } else {
+            // A reader alone on the channel holds it: count and fence at once.
+            let (subscribers, alone_fence) = self.inner.fence_if_alone(&self.name).await?;
+            fence = alone_fence;
+            subscribers
+        };
         if subscribers <= 1 {
             if self.exclusive() {
                 self.participant().set(WireMode::Exclusive, self.elected);
@@ -873,10 +964,16 @@ impl Contender {
                 return Ok(None);
             }
         }
-        if self.exclusive() && !self.confirm_promotion().await? {
-            return Ok(None);
+        if self.exclusive() {
+            match self.confirm_promotion().await? {
+                Confirm::Demoted => return Ok(None),
+                Confirm::Confirmed(confirmed_fence) => fence = confirmed_fence,
+            }
         }
-        let fence = self.inner.draw_fence(&self.name).await?;
+        let fence = match fence {
+            Some(fence) => fence,
+            None => self.inner.draw_fence(&self.name).await?,
+        };
         if self.participant().dead.load(Ordering::Acquire) {
             self.leave();
             return Ok(None);
@@ -976,16 +1073,17 @@ impl Contender {
     /// portalocker's `_confirm_exclusive_promotion`: with the exclusive
     /// record visible, probe once more; a rival that promoted on an equally
     /// stale view is resolved by holder id and the loser demotes.
-    async fn confirm_promotion(&mut self) -> redis::RedisResult<bool> {
+    async fn confirm_promotion(&mut self) -> redis::RedisResult<Confirm> {
         let deadline = Instant::now() + self.inner.config.probe_timeout;
         loop {
-            let subscribers = self.inner.numsub(&self.name).await?;
+            // Alone: confirmed, and the fence is drawn in the same step.
+            let (subscribers, fence) = self.inner.fence_if_alone(&self.name).await?;
             if subscribers <= 1 {
-                return Ok(true);
+                return Ok(Confirm::Confirmed(fence));
             }
             if let Some(holders) = self.inner.collect(&self.name, subscribers).await? {
                 match self.confirm_verdict(&holders) {
-                    Verdict::Confirmed => return Ok(true),
+                    Verdict::Confirmed => return Ok(Confirm::Confirmed(None)),
                     Verdict::Demote => break,
                     Verdict::Retry => {}
                 }
@@ -997,7 +1095,7 @@ impl Contender {
         }
         self.participant().set(WireMode::Pending, false);
         self.leave();
-        Ok(false)
+        Ok(Confirm::Demoted)
     }
 
     /// portalocker's `_confirm_probe_verdict`.
@@ -1031,6 +1129,14 @@ impl Drop for Contender {
         // Cancelled or done: a subscription not handed to a holder closes.
         self.leave();
     }
+}
+
+/// How a writer's promotion ended.
+enum Confirm {
+    /// Demoted: unsubscribed, to retry.
+    Demoted,
+    /// The lock is ours; with the fence when it was drawn on the way.
+    Confirmed(Option<u64>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
