@@ -141,6 +141,23 @@ impl Drop for Server {
     }
 }
 
+/// Waits until the server shows exactly `n` waiters on lock `name` of
+/// `kind` (a request reached the queue). Panics after 20 s.
+pub async fn until_waiters(client: &padlock::Client, name: &str, kind: padlock::Kind, n: usize) {
+    let start = Instant::now();
+    loop {
+        let info = client.show(name, kind).await.expect("show");
+        if info.as_ref().is_some_and(|l| l.waiters.len() == n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never {n} waiter(s) on {name}: {info:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Waits for a child process to exit, at most `limit`.
 pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let start = Instant::now();

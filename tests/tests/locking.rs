@@ -3,7 +3,7 @@
 //! try-lock, wait timeouts, two servers on one lock directory, and the CLI.
 
 use padlock::{Client, Error, Kind};
-use padlock_e2e::{Server, read_line_starting, wait_child};
+use padlock_e2e::{Server, read_line_starting, until_waiters, wait_child};
 use std::io::BufReader;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -189,21 +189,6 @@ async fn semaphore_never_admits_more_than_its_limit() {
     }
     let max = max_inside.load(Ordering::SeqCst);
     assert!((1..=3).contains(&max), "max inside was {max}");
-}
-
-/// Waits until the server shows `n` waiters on `name`.
-async fn until_waiters(client: &Client, name: &str, kind: Kind, n: usize) {
-    loop {
-        if client
-            .show(name, kind)
-            .await
-            .unwrap()
-            .is_some_and(|l| l.waiters.len() == n)
-        {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

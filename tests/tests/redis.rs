@@ -2,7 +2,9 @@
 //! can be killed, restarted and paused) and the real portalocker 4.4.2.
 
 use padlock::{Client, Error, Kind, LostReason};
-use padlock_e2e::{RedisServer, Server, portalocker_python, read_line_starting, redis_opted_out};
+use padlock_e2e::{
+    RedisServer, Server, portalocker_python, read_line_starting, redis_opted_out, until_waiters,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -96,21 +98,6 @@ fn padlockd_on(redis: &RedisServer) -> Server {
     Server::start_with_args(&["--redis-url", &redis.url])
 }
 
-/// Waits until `client` sees `n` waiters on redis lock `name`.
-async fn until_waiters(client: &Client, name: &str, n: usize) {
-    loop {
-        if client
-            .show(name, Kind::Redis)
-            .await
-            .unwrap()
-            .is_some_and(|l| l.waiters.len() == n)
-        {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-}
-
 const GUARD: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +159,7 @@ async fn portalocker_and_padlock_exclude_each_other_with_one_fence_sequence() {
     let waiter_client = server.client().await;
     let waiter =
         tokio::spawn(async move { waiter_client.lock("jobs/report").redis().acquire().await });
-    until_waiters(&client, "jobs/report", 1).await;
+    until_waiters(&client, "jobs/report", Kind::Redis, 1).await;
     py.release("a");
     let guard = tokio::time::timeout(GUARD, waiter)
         .await
@@ -253,7 +240,7 @@ async fn shared_and_exclusive_mix_with_portalocker() {
     let writer_client = server.client().await;
     let writer =
         tokio::spawn(async move { writer_client.lock("db/schema").redis().acquire().await });
-    until_waiters(&client, "db/schema", 1).await;
+    until_waiters(&client, "db/schema", Kind::Redis, 1).await;
     py.release("r");
     let writer = tokio::time::timeout(GUARD, writer)
         .await
@@ -338,7 +325,7 @@ async fn kill9_of_an_instance_hands_its_locks_to_the_other() {
     let b_client = b.client().await;
     let waiter_client = b.client().await;
     let waiter = tokio::spawn(async move { waiter_client.lock("handoff").redis().acquire().await });
-    until_waiters(&b_client, "handoff", 1).await;
+    until_waiters(&b_client, "handoff", Kind::Redis, 1).await;
     let killed = Instant::now();
     a.kill9();
     let granted = tokio::time::timeout(GUARD, waiter)
@@ -379,7 +366,7 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
     // A waiter queued behind "a" keeps waiting through the outage.
     let waiter_client = server.client().await;
     let waiter = tokio::spawn(async move { waiter_client.lock("a").redis().acquire().await });
-    until_waiters(&client, "a", 1).await;
+    until_waiters(&client, "a", Kind::Redis, 1).await;
 
     let killed = Instant::now();
     redis.kill9();
