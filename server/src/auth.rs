@@ -99,7 +99,7 @@ impl ClientTokens {
         // timing says nothing about which token (or how much of it) matched.
         let mut found = None;
         for (candidate, scope) in &self.tokens {
-            if constant_time_eq(candidate, token) {
+            if constant_time_eq(token, candidate) {
                 found = Some(scope.clone());
             }
         }
@@ -107,12 +107,15 @@ impl ClientTokens {
     }
 }
 
-/// Equality whose time depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares without an early exit, so the time taken does not tell how
+/// much of a guess was right. It depends only on the expected length.
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = (given.len() != expected.len()) as u8;
+    for (i, e) in expected.iter().enumerate() {
+        let g = given.get(i).copied().unwrap_or(!e);
+        diff |= std::hint::black_box(g ^ e);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    diff == 0
 }
 
 /// The gRPC interceptor: rejects requests without a valid token and

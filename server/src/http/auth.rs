@@ -6,6 +6,7 @@
 //! thought never lets anyone revoke locks.
 
 use super::error::ApiError;
+use crate::auth::constant_time_eq;
 use axum::http::{HeaderMap, StatusCode, header};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,25 +126,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Compares without an early exit, so the time taken does not tell how
-/// much of a guess was right. It depends only on the expected length.
-fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = (given.len() != expected.len()) as u8;
-    for (i, e) in expected.iter().enumerate() {
-        let g = given.get(i).copied().unwrap_or(!e);
-        diff |= std::hint::black_box(g ^ e);
-    }
-    diff == 0
-}
-
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
+        && meta.permissions().mode() & 0o007 != 0
     {
         tracing::warn!(
             path = %path.display(),
-            "the admin token file is readable by group or others; chmod 600 it"
+            "the admin token file is readable by every user; chmod o-rwx it"
         );
     }
 }
