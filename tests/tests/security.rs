@@ -299,3 +299,24 @@ async fn connections_over_the_limit_get_a_clear_status() {
     );
     held.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_cap_refuses_new_names_and_keeps_held_ones() {
+    let server = Server::start_with_args(&["--max-locks", "1"]);
+    let client = server.client().await;
+    let held = client.lock("cap/a").acquire().await.unwrap();
+    match client.lock("cap/b").acquire().await {
+        Err(Error::Status(s)) => {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+            assert!(s.message().contains("--max-locks"), "{}", s.message());
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    // The held lock is untouched, and its name still queues.
+    assert!(held.is_held());
+    assert!(client.lock("cap/a").try_acquire().await.unwrap().is_none());
+    let fence = held.fence();
+    held.release().await.unwrap();
+    let b = client.lock("cap/b").acquire().await.unwrap();
+    assert!(b.fence() > 0 && fence > 0);
+}
