@@ -36,6 +36,14 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// The kinds this server grants, comma-separated (file, semaphore,
+    /// redis) [default: file and semaphore, plus redis with --redis-url].
+    /// A scaled-out deployment on the redis kind should serve only `redis`:
+    /// its replicas' lock directories are not shared, so their file locks
+    /// would not exclude each other.
+    #[arg(long, env = "PADLOCK_KINDS", value_enum, value_delimiter = ',')]
+    pub kinds: Option<Vec<ServedKind>>,
+
     /// How often padlockd pings Redis. A Redis that stops answering is
     /// noticed, and every redis holder told Lost, within interval + timeout.
     #[arg(long, env = "PADLOCK_REDIS_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -117,6 +125,14 @@ pub struct Config {
     /// they are disabled (403).
     #[arg(long, env = "PADLOCK_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+}
+
+/// A kind of lock, as `--kinds` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServedKind {
+    File,
+    Semaphore,
+    Redis,
 }
 
 /// How logs are written.

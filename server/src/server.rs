@@ -1,7 +1,7 @@
 //! Startup, serving and graceful shutdown.
 
 use crate::auth::{ClientTokens, GrpcAuth};
-use crate::config::Config;
+use crate::config::{Config, ServedKind};
 use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
 use crate::kinds::{Kind as KindImpl, file::FileKind, fs::Root, semaphore::SemaphoreKind};
@@ -57,10 +57,27 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         err,
     })?;
 
+    let serves = |kind: ServedKind| match &config.kinds {
+        Some(kinds) => kinds.contains(&kind),
+        None => kind != ServedKind::Redis || config.redis_url.is_some(),
+    };
+    if serves(ServedKind::Redis) && config.redis_url.is_none() {
+        return Err(StartError::Redis(
+            "--kinds includes redis, which needs --redis-url".into(),
+        ));
+    }
     let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
-    kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
-    kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
-    if let Some(url) = &config.redis_url {
+    if serves(ServedKind::File) {
+        kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
+    }
+    if serves(ServedKind::Semaphore) {
+        kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
+    }
+    if let Some(url) = config
+        .redis_url
+        .as_ref()
+        .filter(|_| serves(ServedKind::Redis))
+    {
         let redis_config = RedisConfig {
             health_interval: config.redis_health_interval,
             health_timeout: config.redis_health_timeout,

@@ -195,3 +195,19 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+#[test]
+fn kinds_must_be_servable() {
+    let err = start(&["--listen", "127.0.0.1:0", "--kinds", "redis"], &[]).unwrap_err();
+    assert!(
+        err.contains("--kinds includes redis, which needs --redis-url"),
+        "{err}"
+    );
+    let err = start(&["--listen", "127.0.0.1:0", "--kinds", "file,nfs"], &[]).unwrap_err();
+    assert!(err.contains("nfs"), "{err}");
+    start(
+        &["--listen", "127.0.0.1:0", "--kinds", "file,semaphore"],
+        &[],
+    )
+    .expect("file and semaphore need nothing else");
+}

@@ -565,3 +565,34 @@ async fn cli_holds_a_redis_lock() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_only_server_refuses_node_local_kinds() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let server = Server::start_with_args(&["--redis-url", &redis.url, "--kinds", "redis"]);
+    let client = server.client().await;
+    for request in [
+        client.lock("k").acquire(),
+        client.lock("k").semaphore(2).acquire(),
+    ] {
+        match request.await {
+            Err(Error::Status(s)) => {
+                assert_eq!(s.code(), tonic_code_unavailable());
+                assert!(s.message().contains("--kinds"), "{}", s.message());
+            }
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+    }
+    client
+        .lock("k")
+        .redis()
+        .acquire()
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}

@@ -433,7 +433,7 @@ impl LockTable {
             }
             None => {
                 return Err(LockError::Unavailable(format!(
-                    "the {} kind is not available on this server",
+                    "this server does not serve {} locks (see its --kinds)",
                     req.kind.as_str()
                 )));
             }
