@@ -23,6 +23,7 @@ apt_install() {
 }
 
 command -v flock >/dev/null || apt_install util-linux
+command -v curl >/dev/null || apt_install curl
 
 if [ "${PADLOCK_SKIP_BROWSER:-}" != 1 ]; then
     { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } ||

@@ -1,36 +1,68 @@
-//! Accepting connections, with `--max-connections`.
+//! Accepting connections: TLS, `--max-connections`, TCP keepalive.
 //!
-//! A connection within the limit carries a semaphore permit for its whole
-//! life (it cannot leak: dropping the connection returns it). A connection
-//! over the limit is not left hanging in the kernel's accept queue: it is
-//! handed to a small second server that answers every request on it with
+//! One task accepts. Each accepted connection gets its TLS handshake (when
+//! TLS is on) in a task of its own, so a slow or hostile client cannot stall
+//! the others; failed handshakes are counted for `/metrics`. A connection
+//! within the limit carries a semaphore permit for its whole life (it
+//! cannot leak: dropping the connection returns it). A connection over the
+//! limit is not left hanging in the kernel's accept queue: it is handed to a
+//! small second server that answers every request on it with
 //! RESOURCE_EXHAUSTED (HTTP 503 for plain HTTP) and a message naming the
 //! limit. Held locks on other connections are untouched.
 
 use axum::response::IntoResponse;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// An accepted connection within the limit.
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An accepted connection, plain or TLS.
 pub struct Conn {
-    io: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    io: Io,
+    info: TcpConnectInfo,
+    /// Held for the connection's life when it is within the limit.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl Connected for Conn {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
+        self.info.clone()
     }
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $call:expr) => {
+        match &mut $self.io {
+            Io::Plain($io) => {
+                let $io = Pin::new($io);
+                $call
+            }
+            Io::Tls($io) => {
+                let $io = Pin::new($io.as_mut());
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for Conn {
@@ -39,7 +71,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        delegate!(self, io => io.poll_read(cx, buf))
     }
 }
 
@@ -49,15 +81,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        delegate!(self, io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        delegate!(self, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        delegate!(self, io => io.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -65,31 +97,44 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        delegate!(self, io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 }
 
-/// Splits accepted connections: those within `max` for the main server,
-/// the rest for [`overflow_routes`]'s server.
+/// Settings of the accept loop.
+pub struct Accept {
+    pub max_connections: usize,
+    pub keepalive: Duration,
+    pub tls: Option<TlsAcceptor>,
+    /// Counts failed TLS handshakes.
+    pub tls_failures: Arc<AtomicU64>,
+}
+
+/// Starts accepting on `listener`: connections within the limit come out of
+/// the first stream, those over it out of the second (for
+/// [`overflow_routes`]).
 pub fn accept(
     listener: TcpListener,
-    max: usize,
-    keepalive: Duration,
+    settings: Accept,
 ) -> (
     impl Stream<Item = io::Result<Conn>>,
-    impl Stream<Item = io::Result<TcpStream>>,
+    impl Stream<Item = io::Result<Conn>>,
 ) {
-    let permits = Arc::new(Semaphore::new(max));
-    let (over_tx, over_rx) = mpsc::channel::<TcpStream>(64);
-    let within = futures_util::stream::unfold(
-        (listener, permits, over_tx),
-        move |(listener, permits, over_tx)| async move {
-            loop {
-                let stream = match listener.accept().await {
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let (within_tx, within_rx) = mpsc::channel::<Conn>(64);
+    let (over_tx, over_rx) = mpsc::channel::<Conn>(64);
+    let settings = Arc::new(settings);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(err) => {
                         // Out of file descriptors and the like: back off, go on.
@@ -97,28 +142,114 @@ pub fn accept(
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
-                };
-                let _ = stream.set_nodelay(true);
-                tcp_keepalive(&stream, keepalive);
-                match permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let conn = Conn {
-                            io: stream,
-                            _permit: permit,
-                        };
-                        return Some((Ok(conn), (listener, permits, over_tx)));
-                    }
-                    // Over the limit; if even the overflow queue is full, the
-                    // connection is closed.
-                    Err(_) => {
-                        let _ = over_tx.try_send(stream);
-                    }
+                },
+                // The server stopped reading: stop accepting.
+                () = within_tx.closed() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            tcp_keepalive(&stream, settings.keepalive);
+            let permit = permits.clone().try_acquire_owned().ok();
+            let tx = if permit.is_some() {
+                within_tx.clone()
+            } else {
+                over_tx.clone()
+            };
+            let settings = settings.clone();
+            tokio::spawn(async move {
+                if let Some(conn) = establish(stream, permit, &settings).await {
+                    // A full queue (the server is overwhelmed) closes it.
+                    let _ = tx.send(conn).await;
+                }
+            });
+        }
+    });
+    let ok = |rx| tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok);
+    (ok(within_rx), ok(over_rx))
+}
+
+/// Finishes a connection's TLS handshake, if any.
+async fn establish(
+    stream: TcpStream,
+    permit: Option<OwnedSemaphorePermit>,
+    settings: &Accept,
+) -> Option<Conn> {
+    let info = stream.connect_info();
+    let io = match &settings.tls {
+        None => Io::Plain(stream),
+        Some(acceptor) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Io::Tls(Box::new(tls)),
+                Ok(Err(err)) => {
+                    settings.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = ?info.remote_addr, %err, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    settings.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = ?info.remote_addr, "TLS handshake timed out");
+                    return None;
                 }
             }
-        },
-    );
-    let over = tokio_stream::wrappers::ReceiverStream::new(over_rx);
-    (within, tokio_stream::StreamExt::map(over, Ok))
+        }
+    };
+    Some(Conn {
+        io,
+        info,
+        _permit: permit,
+    })
+}
+
+/// The TLS acceptor for `--tls-cert`, `--tls-key` and (mutual TLS)
+/// `--tls-client-ca`. Offers HTTP/2 and HTTP/1.1 (ALPN), so gRPC clients,
+/// curl and browsers all work.
+pub fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for der in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?
+            {
+                let der = der.map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+                roots
+                    .add(der)
+                    .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// TCP keepalive, for the clients HTTP/2 pings do not reach (HTTP/1.1): a
@@ -171,17 +302,26 @@ mod tests {
     async fn connections_carry_tcp_keepalive_and_respect_the_limit() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (within, over) = accept(listener, 1, Duration::from_secs(4));
+        let settings = Accept {
+            max_connections: 1,
+            keepalive: Duration::from_secs(4),
+            tls: None,
+            tls_failures: Arc::default(),
+        };
+        let (within, over) = accept(listener, settings);
         tokio::pin!(within);
         tokio::pin!(over);
         let _a = TcpStream::connect(addr).await.unwrap();
         let conn = within.next().await.unwrap().unwrap();
-        assert!(rustix::net::sockopt::socket_keepalive(&conn.io).unwrap());
+        let Io::Plain(tcp) = &conn.io else {
+            panic!("plain")
+        };
+        assert!(rustix::net::sockopt::socket_keepalive(tcp).unwrap());
         assert_eq!(
-            rustix::net::sockopt::tcp_keepidle(&conn.io).unwrap(),
+            rustix::net::sockopt::tcp_keepidle(tcp).unwrap(),
             Duration::from_secs(4)
         );
-        assert_eq!(rustix::net::sockopt::tcp_keepcnt(&conn.io).unwrap(), 3);
+        assert_eq!(rustix::net::sockopt::tcp_keepcnt(tcp).unwrap(), 3);
         // The second connection is over the limit of 1.
         let _b = TcpStream::connect(addr).await.unwrap();
         let next = tokio::select! {

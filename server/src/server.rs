@@ -13,7 +13,6 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Everything that can stop padlockd from starting.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +128,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             .max_decoding_message_size(config.max_message_bytes),
         auth,
     );
-    let tls = tls_config(&config)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::connections::tls_acceptor(cert, key, config.tls_client_ca.as_deref())
+                .map_err(StartError::Tls)?,
+        ),
+        _ => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -141,8 +146,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr: config.listen,
         err,
     })?;
-    let (incoming, overflow) =
-        crate::connections::accept(listener, config.max_connections, config.keepalive_interval);
+    let (incoming, overflow) = crate::connections::accept(
+        listener,
+        crate::connections::Accept {
+            max_connections: config.max_connections,
+            keepalive: config.keepalive_interval,
+            tls,
+            tls_failures: metrics.tls_handshake_failures.clone(),
+        },
+    );
 
     let signal = shutdown_signal();
     // Tests and scripts wait for this line: the server accepts from now on.
@@ -182,12 +194,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         stop: stop_rx.clone(),
         clients: tokens.clone(),
     };
-    let builder = || match &tls {
-        Some(tls) => Server::builder().tls_config(tls.clone()),
-        None => Ok(Server::builder()),
-    };
-    let refuse = builder()
-        .map_err(tls_error)?
+    let refuse = Server::builder()
         .accept_http1(true)
         .add_routes(crate::connections::overflow_routes(config.max_connections))
         .serve_with_incoming_shutdown(overflow, {
@@ -197,8 +204,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             }
         });
     tokio::spawn(refuse);
-    let serve = builder()
-        .map_err(tls_error)?
+    let serve = Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -253,29 +259,4 @@ fn raise_fd_limit() {
             tracing::warn!(%err, "cannot raise the open-file limit");
         }
     }
-}
-
-/// The TLS settings from `--tls-cert`, `--tls-key` and `--tls-client-ca`.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, StartError> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path)
-            .map_err(|e| StartError::Tls(format!("cannot read {what} {}: {e}", path.display())))
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read(cert, "--tls-cert")?,
-        read(key, "--tls-key")?,
-    ));
-    if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
-    }
-    Ok(Some(tls))
-}
-
-/// A certificate or key rustls cannot use, with its cause.
-fn tls_error(err: tonic::transport::Error) -> StartError {
-    let cause = std::error::Error::source(&err).map_or_else(String::new, |c| format!(": {c}"));
-    StartError::Tls(format!("{err}{cause}"))
 }

@@ -3,7 +3,9 @@
 
 use padlock::{Client, Error};
 use padlock_e2e::Server;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,6 +21,10 @@ impl Pki {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name = DistinguishedName::new();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "padlock test CA");
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
@@ -36,9 +42,13 @@ impl Pki {
     /// Issues a certificate for `names`; returns (cert, key) paths.
     fn issue(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
-        let params =
+        let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
+        // A subject of its own: a leaf whose subject equals its issuer's
+        // looks self-signed to OpenSSL (curl).
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
         let issuer = Issuer::new(self.ca_params.clone(), &self.ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         let cert_path = self.dir.path().join(format!("{file}.pem"));
@@ -122,6 +132,30 @@ async fn tls_with_the_right_ca_works_and_others_are_refused() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // HTTP on the same TLS listener (HTTP/1.1 by ALPN), and the refused
+    // handshakes above (wrong CA, plaintext) are counted.
+    let metrics = std::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--cacert", pki.ca().to_str().unwrap()])
+        .arg(format!("{}/metrics", https(&server)))
+        .output()
+        .expect("curl (tests/run.sh installs it)");
+    assert!(
+        metrics.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metrics.stderr)
+    );
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    let failures: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("padlock_tls_handshake_failures_total "))
+        .expect("the TLS failure counter")
+        .parse()
+        .unwrap();
+    assert!(
+        failures >= 2,
+        "{failures} failed handshakes counted:\n{text}"
     );
     drop(guard);
 }

@@ -132,6 +132,9 @@ pub struct Metrics {
     pub client_auth_failures: AtomicU64,
     /// gRPC requests refused for a missing or unknown client token.
     pub grpc_auth_failures: AtomicU64,
+    /// TLS handshakes that failed (wrong CA, no client certificate,
+    /// plaintext client) or timed out; counted by the accept loop.
+    pub tls_handshake_failures: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -150,6 +153,7 @@ impl Metrics {
             sse_lagged: AtomicU64::new(0),
             client_auth_failures: AtomicU64::new(0),
             grpc_auth_failures: AtomicU64::new(0),
+            tls_handshake_failures: Arc::default(),
         }
     }
 
@@ -303,6 +307,7 @@ impl Metrics {
         let lagged = self.sse_lagged.load(Relaxed);
         let client_failures = self.client_auth_failures.load(Relaxed);
         let grpc_failures = self.grpc_auth_failures.load(Relaxed);
+        let tls_failures = self.tls_handshake_failures.load(Relaxed);
         let _ = write!(
             out,
             "# HELP padlock_locks Locks with holders or waiters.\n# TYPE padlock_locks gauge\n\
@@ -318,6 +323,9 @@ impl Metrics {
              # HELP padlock_grpc_client_auth_failures_total gRPC requests refused for a missing or unknown client token.\n\
              # TYPE padlock_grpc_client_auth_failures_total counter\n\
              padlock_grpc_client_auth_failures_total {grpc_failures}\n\
+             # HELP padlock_tls_handshake_failures_total TLS handshakes that failed or timed out.\n\
+             # TYPE padlock_tls_handshake_failures_total counter\n\
+             padlock_tls_handshake_failures_total {tls_failures}\n\
              # HELP padlock_sse_lagged_events_total Events that slow /v1/events subscribers missed.\n\
              # TYPE padlock_sse_lagged_events_total counter\n\
              padlock_sse_lagged_events_total {lagged}\n",
