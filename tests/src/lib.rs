@@ -141,6 +141,18 @@ impl Drop for Server {
     }
 }
 
+/// Fences recorded in grant order must strictly increase.
+pub fn assert_strictly_increasing(fences: &[u64]) {
+    for pair in fences.windows(2) {
+        assert!(
+            pair[0] < pair[1],
+            "fence went from {} to {}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
 /// Waits until the server shows exactly `n` waiters on lock `name` of
 /// `kind` (a request reached the queue). Panics after 20 s.
 pub async fn until_waiters(client: &padlock::Client, name: &str, kind: padlock::Kind, n: usize) {

@@ -3,7 +3,9 @@
 //! try-lock, wait timeouts, two servers on one lock directory, and the CLI.
 
 use padlock::{Client, Error, Kind};
-use padlock_e2e::{Server, read_line_starting, until_waiters, wait_child};
+use padlock_e2e::{
+    Server, assert_strictly_increasing, read_line_starting, until_waiters, wait_child,
+};
 use std::io::BufReader;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -57,17 +59,6 @@ async fn hammer(
         task.await.unwrap();
     }
     Arc::try_unwrap(fences).unwrap().into_inner()
-}
-
-fn assert_strictly_increasing(fences: &[u64]) {
-    for pair in fences.windows(2) {
-        assert!(
-            pair[0] < pair[1],
-            "fence went from {} to {}",
-            pair[0],
-            pair[1]
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

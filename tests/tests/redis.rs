@@ -3,7 +3,8 @@
 
 use padlock::{Client, Error, Kind, LostReason};
 use padlock_e2e::{
-    RedisServer, Server, portalocker_python, read_line_starting, redis_opted_out, until_waiters,
+    RedisServer, Server, assert_strictly_increasing, portalocker_python, read_line_starting,
+    redis_opted_out, until_waiters,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -295,15 +296,7 @@ async fn two_padlockd_instances_share_one_lock_space() {
             .unwrap();
     }
     assert_eq!(std::fs::read_to_string(&counter).unwrap(), "200");
-    let fences = fences.lock().await;
-    for pair in fences.windows(2) {
-        assert!(
-            pair[0] < pair[1],
-            "fence went from {} to {}",
-            pair[0],
-            pair[1]
-        );
-    }
+    assert_strictly_increasing(&fences.lock().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
