@@ -1241,7 +1241,7 @@ def runtime_kubernetes(rt: Runtime, df: Dockerfile, cli: Cli) -> None:
     ep, cmd = entrypoint_of(df)
     print(f"  (the pods of {rel(overlay.parent)}, one replica each; Secret from {rel(TOKENS_EXAMPLE)}; volumes "
           "as the kubelet makes them (root:fsGroup, setgid); probes sent from outside the pod to its address; "
-          "the gRPC liveness probe is made with `padlock health`, the same grpc.health.v1 check)")
+          "a gRPC probe, if any, is made with `padlock health`, the same grpc.health.v1 check)")
     for w in ov.of_kind("Deployment", "StatefulSet"):
         c = padlockd_container(w)
         if not c:
