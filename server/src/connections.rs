@@ -26,6 +26,9 @@ use tokio_rustls::rustls;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// Over-limit connections answered with RESOURCE_EXHAUSTED at once.
+const OVERFLOW_CONNECTIONS: usize = 64;
+
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,8 +36,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Conn {
     io: Io,
     info: TcpConnectInfo,
-    /// Held for the connection's life when it is within the limit.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Its place (within the limit, or among the over-limit connections
+    /// being refused), held for the connection's life.
+    _permit: OwnedSemaphorePermit,
 }
 
 enum Io {
@@ -128,6 +132,9 @@ pub fn accept(
     impl Stream<Item = io::Result<Conn>>,
 ) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    // Connections over the limit are answered, but only so many at once:
+    // beyond these, an over-limit connection is closed at once.
+    let overflow_permits = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let (within_tx, within_rx) = mpsc::channel::<Conn>(64);
     let (over_tx, over_rx) = mpsc::channel::<Conn>(64);
     let settings = Arc::new(settings);
@@ -148,11 +155,12 @@ pub fn accept(
             };
             let _ = stream.set_nodelay(true);
             tcp_keepalive(&stream, settings.keepalive);
-            let permit = permits.clone().try_acquire_owned().ok();
-            let tx = if permit.is_some() {
-                within_tx.clone()
-            } else {
-                over_tx.clone()
+            let (permit, tx) = match permits.clone().try_acquire_owned() {
+                Ok(permit) => (permit, within_tx.clone()),
+                Err(_) => match overflow_permits.clone().try_acquire_owned() {
+                    Ok(permit) => (permit, over_tx.clone()),
+                    Err(_) => continue, // dropping the stream closes it
+                },
             };
             let settings = settings.clone();
             tokio::spawn(async move {
@@ -170,7 +178,7 @@ pub fn accept(
 /// Finishes a connection's TLS handshake, if any.
 async fn establish(
     stream: TcpStream,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: OwnedSemaphorePermit,
     settings: &Accept,
 ) -> Option<Conn> {
     let info = stream.connect_info();
@@ -328,7 +336,22 @@ mod tests {
             c = within.next() => panic!("accepted over the limit: {:?}", c.map(|c| c.is_ok())),
             o = over.next() => o,
         };
-        assert!(next.unwrap().is_ok());
+        let _over = next.unwrap().expect("an over-limit connection");
+        // Over-limit connections are answered only so many at once; past
+        // that they are closed (the client reads end-of-file).
+        let mut waiting = Vec::new();
+        for _ in 1..OVERFLOW_CONNECTIONS {
+            waiting.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut extra, &mut byte),
+        )
+        .await
+        .expect("the extra connection is closed, not left open");
+        assert!(matches!(read, Ok(0)), "{read:?}");
         // Dropping the first frees its place.
         drop(conn);
         let _c = TcpStream::connect(addr).await.unwrap();
