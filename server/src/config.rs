@@ -63,6 +63,20 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_KEEPALIVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// How long a client has to send a whole request: a unary gRPC call or
+    /// an HTTP request until its response starts, the first message
+    /// (Acquire) of a Hold stream, and HTTP/1.1 request headers. Waiting
+    /// for a lock and holding it are not limited by it.
+    #[arg(long, env = "PADLOCK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
+
+    /// A connection with no request or stream open for this long is closed
+    /// (HTTP/2 clients get GOAWAY and reconnect on their next call); `0s`
+    /// keeps idle connections forever. A connection holding or waiting for
+    /// a lock is never idle.
+    #[arg(long, env = "PADLOCK_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Largest accepted gRPC message, in bytes.
     #[arg(long, env = "PADLOCK_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
@@ -263,6 +277,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
 }
 
+/// A duration that must not be zero.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("'{text}' is zero; it must be longer")),
+        d => Ok(d),
+    }
+}
+
 /// `--help` and `--version` print and exit; other clap errors are returned.
 fn clap_exit(e: clap::Error) -> String {
     use clap::error::ErrorKind;
@@ -345,5 +367,21 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("soon").is_err());
+        assert!(parse_positive_duration("0s").unwrap_err().contains("zero"));
+    }
+
+    #[test]
+    fn timeouts_have_defaults_and_a_zero_request_timeout_is_refused() {
+        let config = load(&[], "").unwrap();
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(300));
+        let config = load(&["--idle-timeout", "0s"], "request_timeout = \"2s\"").unwrap();
+        assert_eq!(config.request_timeout, Duration::from_secs(2));
+        assert_eq!(config.idle_timeout, Duration::ZERO, "0s: never");
+        let err = load(&[], "request_timeout = \"0s\"").unwrap_err();
+        assert!(
+            err.contains("key `request_timeout`") && err.contains("zero"),
+            "{err}"
+        );
     }
 }

@@ -23,8 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
-use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected as _, TcpConnectInfo};
 
 /// Over-limit connections answered with RESOURCE_EXHAUSTED at once.
 const OVERFLOW_CONNECTIONS: usize = 64;
@@ -46,11 +45,10 @@ enum Io {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.info.clone()
+impl Conn {
+    /// The peer's address (and ours).
+    pub fn info(&self) -> &TcpConnectInfo {
+        &self.info
     }
 }
 
@@ -122,15 +120,13 @@ pub struct Accept {
 }
 
 /// Starts accepting on `listener`: connections within the limit come out of
-/// the first stream, those over it out of the second (for
-/// [`overflow_routes`]).
+/// the first receiver, those over it out of the second (for
+/// [`overflow_routes`]). Dropping the first stops accepting and closes the
+/// listening socket.
 pub fn accept(
     listener: TcpListener,
     settings: Accept,
-) -> (
-    impl Stream<Item = io::Result<Conn>>,
-    impl Stream<Item = io::Result<Conn>>,
-) {
+) -> (mpsc::Receiver<Conn>, mpsc::Receiver<Conn>) {
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     // Connections over the limit are answered, but only so many at once:
     // beyond these, an over-limit connection is closed at once.
@@ -171,8 +167,7 @@ pub fn accept(
             });
         }
     });
-    let ok = |rx| tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok);
-    (ok(within_rx), ok(over_rx))
+    (within_rx, over_rx)
 }
 
 /// Finishes a connection's TLS handshake, if any.
@@ -304,7 +299,6 @@ pub fn overflow_routes(max: usize) -> tonic::service::Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_stream::StreamExt;
 
     #[tokio::test]
     async fn connections_carry_tcp_keepalive_and_respect_the_limit() {
@@ -316,11 +310,9 @@ mod tests {
             tls: None,
             tls_failures: Arc::default(),
         };
-        let (within, over) = accept(listener, settings);
-        tokio::pin!(within);
-        tokio::pin!(over);
+        let (mut within, mut over) = accept(listener, settings);
         let _a = TcpStream::connect(addr).await.unwrap();
-        let conn = within.next().await.unwrap().unwrap();
+        let conn = within.recv().await.unwrap();
         let Io::Plain(tcp) = &conn.io else {
             panic!("plain")
         };
@@ -333,10 +325,10 @@ mod tests {
         // The second connection is over the limit of 1.
         let _b = TcpStream::connect(addr).await.unwrap();
         let next = tokio::select! {
-            c = within.next() => panic!("accepted over the limit: {:?}", c.map(|c| c.is_ok())),
-            o = over.next() => o,
+            c = within.recv() => panic!("accepted over the limit: {:?}", c.map(|c| c.info.remote_addr)),
+            o = over.recv() => o,
         };
-        let _over = next.unwrap().expect("an over-limit connection");
+        let _over = next.expect("an over-limit connection");
         // Over-limit connections are answered only so many at once; past
         // that they are closed (the client reads end-of-file).
         let mut waiting = Vec::new();
@@ -355,6 +347,6 @@ mod tests {
         // Dropping the first frees its place.
         drop(conn);
         let _c = TcpStream::connect(addr).await.unwrap();
-        assert!(within.next().await.unwrap().is_ok());
+        assert!(within.recv().await.is_some());
     }
 }

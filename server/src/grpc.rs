@@ -14,6 +14,8 @@ use crate::locks::{
 use padlock_proto::v1 as pb;
 use pb::hold_request::Msg as In;
 use pb::hold_response::Msg as Out;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,11 +25,28 @@ use tracing::Instrument;
 pub struct PadlockService {
     table: LockTable,
     lock_dir: String,
+    /// How long a Hold stream may wait for its Acquire (`--request-timeout`).
+    first_message: Duration,
+    /// Counts Hold streams cut for not sending it.
+    timeouts: Arc<AtomicU64>,
 }
 
 impl PadlockService {
     pub fn new(table: LockTable, lock_dir: String) -> PadlockService {
-        PadlockService { table, lock_dir }
+        PadlockService {
+            table,
+            lock_dir,
+            first_message: Duration::from_secs(10),
+            timeouts: Arc::default(),
+        }
+    }
+
+    /// How long a Hold stream may take to send its Acquire, and what counts
+    /// the streams that did not.
+    pub fn first_message_timeout(mut self, timeout: Duration, counter: Arc<AtomicU64>) -> Self {
+        self.first_message = timeout;
+        self.timeouts = counter;
+        self
     }
 }
 
@@ -161,6 +180,9 @@ struct Hold {
     peer: String,
     /// What the client's token allows (`None`: no token file configured).
     scope: Option<Scope>,
+    /// How long the Acquire may take to arrive.
+    first_message: Duration,
+    timeouts: Arc<AtomicU64>,
     phase: Phase,
 }
 
@@ -184,12 +206,15 @@ fn hold_stream(
     inbound: Streaming<pb::HoldRequest>,
     peer: String,
     scope: Option<Scope>,
+    (first_message, timeouts): (Duration, Arc<AtomicU64>),
 ) -> HoldStream {
     let hold = Hold {
         table,
         inbound,
         peer,
         scope,
+        first_message,
+        timeouts,
         phase: Phase::Start,
     };
     // One span per stream: every log line of this lock carries its peer,
@@ -233,7 +258,16 @@ impl Hold {
     }
 
     async fn start(&mut self) -> (Option<Reply>, Phase) {
-        let acquire = match self.inbound.message().await {
+        let first = tokio::time::timeout(self.first_message, self.inbound.message());
+        let Ok(first) = first.await else {
+            self.timeouts.fetch_add(1, Ordering::Relaxed);
+            let msg = format!(
+                "no Acquire within {:?} of opening the Hold stream (--request-timeout)",
+                self.first_message
+            );
+            return (Some(Err(Status::deadline_exceeded(msg))), Phase::Done);
+        };
+        let acquire = match first {
             Ok(Some(pb::HoldRequest {
                 msg: Some(In::Acquire(a)),
             })) => a,
@@ -435,6 +469,7 @@ impl pb::padlock_server::Padlock for PadlockService {
             request.into_inner(),
             peer,
             scope,
+            (self.first_message, self.timeouts.clone()),
         )))
     }
 

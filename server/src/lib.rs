@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod http;
 pub mod kinds;
 pub mod locks;
+mod serve;
 mod server;
 
 pub use config::Config;

@@ -6,13 +6,13 @@ use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
 use crate::kinds::{Kind as KindImpl, file::FileKind, fs::Root, semaphore::SemaphoreKind};
 use crate::locks::{Kind, Limits, LockTable, fence::Fences};
+use crate::serve::Serving;
 use padlock_proto::v1::{FILE_DESCRIPTOR_SET, padlock_server::PadlockServer};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
 
 /// Everything that can stop padlockd from starting.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +36,10 @@ pub enum StartError {
     },
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("serving failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
+
+/// How long an over-limit connection may sit idle after being refused.
+const OVERFLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs padlockd until SIGTERM or SIGINT, then drains: holders are told
 /// `Lost{shutdown}`, waiters get UNAVAILABLE, and the server exits.
@@ -123,9 +124,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             tracing::debug!("refused a gRPC request without a valid client token");
         }
     });
+    let padlock = PadlockService::new(table.clone(), shown.clone()).first_message_timeout(
+        config.request_timeout,
+        metrics.connections.request_timeouts.clone(),
+    );
     let service = InterceptedService::new(
-        PadlockServer::new(PadlockService::new(table.clone(), shown.clone()))
-            .max_decoding_message_size(config.max_message_bytes),
+        PadlockServer::new(padlock).max_decoding_message_size(config.max_message_bytes),
         auth,
     );
     let tls = match (&config.tls_cert, &config.tls_key) {
@@ -190,38 +194,42 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let http = crate::http::App {
         table: table.clone(),
         admin: Arc::new(admin),
-        metrics,
+        metrics: metrics.clone(),
         stop: stop_rx.clone(),
         clients: tokens.clone(),
     };
-    let refuse = Server::builder()
-        .accept_http1(true)
-        .add_routes(crate::connections::overflow_routes(config.max_connections))
-        .serve_with_incoming_shutdown(overflow, {
-            let mut stop_rx = stop_rx.clone();
-            async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            }
-        });
-    tokio::spawn(refuse);
-    let serve = Server::builder()
-        .accept_http1(true)
-        .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .max_concurrent_streams(config.max_streams_per_connection)
-        .add_routes(crate::http::with_grpc(grpc, http))
-        .serve_with_incoming_shutdown(incoming, {
-            let mut stop_rx = stop_rx.clone();
-            async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            }
-        });
+    let serving = Serving {
+        keepalive_interval: config.keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+        max_streams_per_connection: config.max_streams_per_connection,
+        request_timeout: config.request_timeout,
+        idle_timeout: Some(config.idle_timeout).filter(|t| !t.is_zero()),
+        stats: metrics.connections.clone(),
+    };
+    // Over-limit connections are told so and then let go soon, so that
+    // they do not keep the places for refusing others.
+    let refusing = Serving {
+        idle_timeout: Some(OVERFLOW_IDLE.min(serving.idle_timeout.unwrap_or(OVERFLOW_IDLE))),
+        ..serving.clone()
+    };
+    tokio::spawn(crate::serve::serve(
+        overflow,
+        crate::connections::overflow_routes(config.max_connections),
+        refusing,
+        stop_rx.clone(),
+    ));
+    let serve = crate::serve::serve(
+        incoming,
+        crate::http::with_grpc(grpc, http),
+        serving,
+        stop_rx.clone(),
+    );
     let grace = async {
         let _ = stop_rx.wait_for(|stop| *stop).await;
         tokio::time::sleep(config.shutdown_grace).await;
     };
     tokio::select! {
-        served = serve => served?,
+        () = serve => {}
         () = grace => tracing::warn!(grace = ?config.shutdown_grace, "streams still open after the shutdown grace; exiting"),
     }
     tracing::info!("stopped");

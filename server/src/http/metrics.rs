@@ -135,6 +135,9 @@ pub struct Metrics {
     /// TLS handshakes that failed (wrong CA, no client certificate,
     /// plaintext client) or timed out; counted by the accept loop.
     pub tls_handshake_failures: Arc<AtomicU64>,
+    /// Open connections, idle ones closed, request timeouts; counted
+    /// where connections are served.
+    pub connections: Arc<crate::serve::ConnectionStats>,
 }
 
 impl Metrics {
@@ -154,6 +157,7 @@ impl Metrics {
             client_auth_failures: AtomicU64::new(0),
             grpc_auth_failures: AtomicU64::new(0),
             tls_handshake_failures: Arc::default(),
+            connections: Arc::default(),
         }
     }
 
@@ -308,6 +312,9 @@ impl Metrics {
         let client_failures = self.client_auth_failures.load(Relaxed);
         let grpc_failures = self.grpc_auth_failures.load(Relaxed);
         let tls_failures = self.tls_handshake_failures.load(Relaxed);
+        let connections = self.connections.open.load(Relaxed);
+        let idle_closed = self.connections.idle_closed.load(Relaxed);
+        let request_timeouts = self.connections.request_timeouts.load(Relaxed);
         let _ = write!(
             out,
             "# HELP padlock_locks Locks with holders or waiters.\n# TYPE padlock_locks gauge\n\
@@ -326,6 +333,15 @@ impl Metrics {
              # HELP padlock_tls_handshake_failures_total TLS handshakes that failed or timed out.\n\
              # TYPE padlock_tls_handshake_failures_total counter\n\
              padlock_tls_handshake_failures_total {tls_failures}\n\
+             # HELP padlock_connections Client connections open.\n\
+             # TYPE padlock_connections gauge\n\
+             padlock_connections {connections}\n\
+             # HELP padlock_idle_connections_closed_total Connections closed after --idle-timeout with nothing open on them.\n\
+             # TYPE padlock_idle_connections_closed_total counter\n\
+             padlock_idle_connections_closed_total {idle_closed}\n\
+             # HELP padlock_request_timeouts_total Requests, and Hold streams without an Acquire, cut by --request-timeout.\n\
+             # TYPE padlock_request_timeouts_total counter\n\
+             padlock_request_timeouts_total {request_timeouts}\n\
              # HELP padlock_sse_lagged_events_total Events that slow /v1/events subscribers missed.\n\
              # TYPE padlock_sse_lagged_events_total counter\n\
              padlock_sse_lagged_events_total {lagged}\n",

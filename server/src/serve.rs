@@ -1,0 +1,298 @@
+//! Serving accepted connections: HTTP/2 (gRPC) and HTTP/1.1 on each, with
+//! the request timeout, the idle timeout and graceful shutdown.
+//!
+//! Each connection is served by hyper in a task of its own, which also
+//! counts the requests open on it. A request is open from its arrival
+//! until its response body ends or is dropped, so a Hold stream (and an
+//! NDJSON hold, an SSE stream) keeps its connection busy for as long as
+//! the lock is held or waited for. A connection with nothing open for
+//! `--idle-timeout` is shut down gracefully: HTTP/2 clients get GOAWAY
+//! (requests already on their way are still served) and open a new
+//! connection for their next call; an idle HTTP/1.1 connection is closed.
+//!
+//! `--request-timeout` bounds how long a request may take until its
+//! response starts. That covers a whole unary gRPC call and a REST request,
+//! including reading the request body, so a client that sends headers and
+//! then stalls is answered DEADLINE_EXCEEDED (HTTP 408) instead of holding
+//! a stream forever. Streams start their response at once, so waiting for
+//! and holding a lock are not limited by it (the Hold stream's first
+//! message has its own deadline, in the gRPC adapter).
+
+use crate::connections::Conn;
+use crate::http::error::ApiError;
+use axum::http::{Request, Response, StatusCode, header};
+use axum::response::IntoResponse;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::server::TcpConnectInfo;
+use tower::ServiceExt;
+
+/// What `/metrics` shows of the connections.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections being served (over-limit ones being refused included).
+    pub open: AtomicI64,
+    /// Connections closed for being idle.
+    pub idle_closed: AtomicU64,
+    /// Requests (and Hold streams without an Acquire) cut by
+    /// `--request-timeout`.
+    pub request_timeouts: Arc<AtomicU64>,
+}
+
+/// How connections are served.
+#[derive(Clone, Debug)]
+pub struct Serving {
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_streams_per_connection: u32,
+    pub request_timeout: Duration,
+    /// `None`: idle connections are kept.
+    pub idle_timeout: Option<Duration>,
+    pub stats: Arc<ConnectionStats>,
+}
+
+impl Serving {
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.request_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.max_streams_per_connection)
+            .keep_alive_interval(self.keepalive_interval)
+            .keep_alive_timeout(self.keepalive_timeout);
+        builder
+    }
+}
+
+/// Serves every connection `incoming` yields with `routes` until `stop`
+/// turns true; then stops taking connections, shuts the open ones down
+/// gracefully and returns once they have all closed.
+pub async fn serve(
+    mut incoming: mpsc::Receiver<Conn>,
+    routes: Routes,
+    settings: Serving,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(settings.builder());
+    let routes = routes.prepare();
+    // Every connection task holds a clone; `recv` ends when all are gone.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    let connections_stop = stop.clone();
+    loop {
+        tokio::select! {
+            conn = incoming.recv() => match conn {
+                Some(conn) => {
+                    let task = serve_connection(
+                        conn,
+                        builder.clone(),
+                        routes.clone(),
+                        settings.clone(),
+                        connections_stop.clone(),
+                        open_tx.clone(),
+                    );
+                    tokio::spawn(task);
+                }
+                None => break,
+            },
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    // No more connections: the accept loop sees the channel close and
+    // closes the listening socket.
+    drop(incoming);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+}
+
+async fn serve_connection(
+    conn: Conn,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    routes: Routes,
+    settings: Serving,
+    mut stop: watch::Receiver<bool>,
+    _open: mpsc::Sender<()>,
+) {
+    let _counted = OpenConnection::new(settings.stats.clone());
+    let (open_requests, requests) = watch::channel(0usize);
+    let service = ConnService {
+        routes,
+        info: conn.info().clone(),
+        open_requests: Arc::new(open_requests),
+        request_timeout: settings.request_timeout,
+        timeouts: settings.stats.request_timeouts.clone(),
+    };
+    let peer = conn.info().remote_addr;
+    let connection = builder.serve_connection(TokioIo::new(conn), service);
+    tokio::pin!(connection);
+    let idle = idle(requests, settings.idle_timeout);
+    tokio::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            served = connection.as_mut() => {
+                if let Err(err) = served {
+                    tracing::debug!(?peer, %err, "connection ended with an error");
+                }
+                return;
+            }
+            () = &mut idle, if !closing => {
+                tracing::debug!(?peer, "closing an idle connection");
+                settings.stats.idle_closed.fetch_add(1, Relaxed);
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = stop.wait_for(|stop| *stop), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// Resolves once no request has been open for `timeout` (never if `None`).
+async fn idle(mut requests: watch::Receiver<usize>, timeout: Option<Duration>) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        if requests.wait_for(|open| *open == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => return,
+            _ = requests.wait_for(|open| *open > 0) => {}
+        }
+    }
+}
+
+/// The service of one connection: the routes, plus the peer's address in
+/// every request's extensions (as tonic's own server puts it), the open
+/// request count and the request timeout.
+struct ConnService {
+    routes: Routes,
+    info: TcpConnectInfo,
+    open_requests: Arc<watch::Sender<usize>>,
+    request_timeout: Duration,
+    timeouts: Arc<AtomicU64>,
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Counted>, Infallible>> + Send + 'static>>;
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<Counted>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, mut request: Request<Incoming>) -> ResponseFuture {
+        request.extensions_mut().insert(self.info.clone());
+        let open = OpenRequest::new(self.open_requests.clone());
+        let grpc = is_grpc(&request);
+        let timeout = self.request_timeout;
+        let timeouts = self.timeouts.clone();
+        let response = self.routes.clone().oneshot(request.map(Body::new));
+        Box::pin(async move {
+            let response = match tokio::time::timeout(timeout, response).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    timeouts.fetch_add(1, Relaxed);
+                    timed_out(grpc, timeout)
+                }
+            };
+            Ok(response.map(|body| Counted { body, _open: open }))
+        })
+    }
+}
+
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The answer to a request that did not complete within the timeout.
+fn timed_out(grpc: bool, timeout: Duration) -> Response<Body> {
+    let message = format!("the request was not complete within {timeout:?} (--request-timeout)");
+    if grpc {
+        tonic::Status::deadline_exceeded(message).into_http()
+    } else {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+            .into_response()
+            .map(Body::new)
+    }
+}
+
+/// Counts one open request on its connection until dropped.
+struct OpenRequest(Arc<watch::Sender<usize>>);
+
+impl OpenRequest {
+    fn new(count: Arc<watch::Sender<usize>>) -> OpenRequest {
+        count.send_modify(|open| *open += 1);
+        OpenRequest(count)
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open -= 1);
+    }
+}
+
+/// A response body that keeps its request counted as open until it ends
+/// or is dropped.
+struct Counted {
+    body: Body,
+    _open: OpenRequest,
+}
+
+impl http_body::Body for Counted {
+    type Data = axum::body::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts one open connection until dropped.
+struct OpenConnection(Arc<ConnectionStats>);
+
+impl OpenConnection {
+    fn new(stats: Arc<ConnectionStats>) -> OpenConnection {
+        stats.open.fetch_add(1, Relaxed);
+        OpenConnection(stats)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
