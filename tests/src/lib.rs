@@ -4,6 +4,7 @@
 //! Everything here synchronizes on events (a line printed, a process
 //! exiting, a message received), never on sleeps.
 
+pub mod h2;
 pub mod http;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,236 @@
+//! `--idle-timeout` and `--request-timeout`: idle connections are closed
+//! (HTTP/2 ones with GOAWAY) and the SDK reconnects on its own; stalled
+//! requests are answered DEADLINE_EXCEEDED or 408; connections and streams
+//! that hold or wait for a lock are never cut by either.
+
+use padlock::{Kind, proto as pb};
+use padlock_e2e::h2::{GOAWAY, RawH2, guarded};
+use padlock_e2e::http::parse_metrics;
+use padlock_e2e::{Server, until_waiters};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads `/metrics` on a connection of its own that the server closes
+/// after answering (so it is never counted as idle).
+async fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
+    let mut tcp = guarded("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    guarded("read /metrics", tcp.read_to_end(&mut response))
+        .await
+        .expect("read /metrics");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    parse_metrics(text.split_once("\r\n\r\n").map_or("", |(_, body)| body))
+}
+
+/// Polls `/metrics` until `done` holds (at most 20 s).
+async fn until_metrics(addr: SocketAddr, what: &str, done: impl Fn(&HashMap<String, f64>) -> bool) {
+    let start = Instant::now();
+    loop {
+        let seen = metrics(addr).await;
+        if done(&seen) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never {what}: {:?}",
+            seen.iter()
+                .filter(|(k, _)| k.contains("connections") || k.contains("timeouts"))
+                .collect::<Vec<_>>()
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_until_closed(tcp: &mut TcpStream, what: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match guarded(what, tcp.read(&mut buf)).await {
+            Ok(0) => return String::from_utf8_lossy(&got).into_owned(),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+            Err(err) => panic!("{what}: {err}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_kept() {
+    let server = Server::start_with_args(&["--idle-timeout", "1s"]);
+    // A holder: its connection has a stream open all along.
+    let holder = server.client().await;
+    let held = holder.lock("idle/held").acquire().await.unwrap();
+    let lost = held.lost();
+    // An SDK client that makes one call and then sits idle.
+    let idler = server.client().await;
+    assert!(idler.list("").await.unwrap().len() == 1);
+
+    // HTTP/1.1 keep-alive, idle after one request: closed.
+    let mut h1 = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr);
+    h1.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let answer = read_until_closed(&mut h1, "the idle HTTP/1.1 connection").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    println!(
+        "idle HTTP/1.1 connection closed after {:?}",
+        started.elapsed()
+    );
+
+    // HTTP/2 with no request at all: GOAWAY (no error), then closed.
+    let mut h2 = RawH2::connect(server.addr).await;
+    h2.handshake().await;
+    let started = Instant::now();
+    let mut goaway = None;
+    while let Some(frame) = h2.next_frame_or_eof().await {
+        if frame.kind == GOAWAY {
+            goaway = Some(frame.error_code());
+        }
+    }
+    assert_eq!(goaway, Some(0), "GOAWAY NO_ERROR first:\n{}", h2.history());
+    println!(
+        "idle HTTP/2 connection sent GOAWAY and closed after {:?}",
+        started.elapsed()
+    );
+
+    // The server counts the three idle connections (the idler's, the two
+    // raw ones) as closed; the holder's stays. Open now: the holder's, and
+    // the one reading /metrics.
+    until_metrics(server.addr, "3 idle connections closed, 2 open", |m| {
+        m.get("padlock_idle_connections_closed_total") == Some(&3.0)
+            && m.get("padlock_connections") == Some(&2.0)
+    })
+    .await;
+
+    // The lock outlived several idle periods, untouched.
+    assert!(held.is_held());
+    tokio::select! {
+        biased;
+        lost = lost => panic!("the holder was told {lost:?}"),
+        () = std::future::ready(()) => {}
+    }
+    // The idler's next call reconnects on its own.
+    let info = idler.show("idle/held", Kind::File).await.unwrap().unwrap();
+    assert_eq!(info.holders.len(), 1);
+    assert_eq!(info.holders[0].id, held.holder_id());
+    assert_eq!(info.holders[0].fence, held.fence());
+    // And the holder's connection still works for it.
+    held.release().await.unwrap();
+    assert!(idler.show("idle/held", Kind::File).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_requests_are_cut_by_the_request_timeout() {
+    let server = Server::start_with_args(&["--request-timeout", "1s"]);
+    let client = server.client().await;
+    let held = client.lock("slow/held").acquire().await.unwrap();
+    // A waiter whose wait is far longer than the request timeout.
+    let waiting = server.client().await;
+    let waiter = tokio::spawn(async move {
+        let lock = waiting.lock("slow/held").wait(Duration::from_secs(60));
+        lock.acquire().await
+    });
+    until_waiters(&client, "slow/held", Kind::File, 1).await;
+    let queued = Instant::now();
+
+    // A Hold stream that never sends its Acquire.
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = pb::padlock_client::PadlockClient::new(channel.clone());
+    let started = Instant::now();
+    let response = raw
+        .hold(tokio_stream::pending::<pb::HoldRequest>())
+        .await
+        .expect("the stream opens");
+    let status = guarded("the Hold stream's end", response.into_inner().message())
+        .await
+        .expect_err("no Acquire: the stream ends with a status");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("no Acquire") && status.message().contains("--request-timeout"),
+        "{}",
+        status.message()
+    );
+    println!("Hold without Acquire cut after {:?}", started.elapsed());
+
+    // A unary gRPC call whose request message never comes (sent as a
+    // client stream that never yields: the server reads it as unary).
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let started = Instant::now();
+    let call = grpc.client_streaming(
+        tonic::Request::new(tokio_stream::pending::<pb::GetServerInfoRequest>()),
+        tonic::codegen::http::uri::PathAndQuery::from_static("/padlock.v1.Padlock/GetServerInfo"),
+        padlock_proto::codec::SmallCodec::<pb::GetServerInfoRequest, pb::ServerInfo>::default(),
+    );
+    let status = guarded("the stalled unary call", call)
+        .await
+        .expect_err("no request message: a status");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("--request-timeout"),
+        "{}",
+        status.message()
+    );
+    println!(
+        "stalled unary gRPC call answered after {:?}",
+        started.elapsed()
+    );
+
+    // An HTTP request whose body never comes: 408, and nothing was queued.
+    let mut h1 = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/locks/slow/other/hold HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n{{",
+        server.addr
+    );
+    h1.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut h1, "the stalled HTTP request").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert!(
+        client
+            .show("slow/other", Kind::File)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // HTTP/1.1 headers that never end: the connection is closed.
+    let mut h1 = TcpStream::connect(server.addr).await.unwrap();
+    let partial = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n", server.addr);
+    h1.write_all(partial.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut h1, "the HTTP/1.1 request without end").await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+
+    let m = metrics(server.addr).await;
+    assert_eq!(m.get("padlock_request_timeouts_total"), Some(&3.0), "{m:?}");
+
+    // The holder and the waiter were never cut: the waiter has waited
+    // longer than the request timeout and still gets the lock.
+    assert!(queued.elapsed() > Duration::from_secs(1));
+    assert!(held.is_held());
+    let fence = held.fence();
+    held.release().await.unwrap();
+    let next = guarded("the waiter's grant", waiter)
+        .await
+        .unwrap()
+        .expect("the waiter is granted");
+    assert!(next.fence() > fence);
+}
