@@ -28,10 +28,12 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::service::Routes;
 use tonic::transport::server::TcpConnectInfo;
@@ -127,18 +129,18 @@ async fn serve_connection(
     _open: mpsc::Sender<()>,
 ) {
     let _counted = OpenConnection::new(settings.stats.clone());
-    let (open_requests, requests) = watch::channel(0usize);
+    let activity = Arc::new(Activity::new());
     let service = ConnService {
         routes,
         info: conn.info().clone(),
-        open_requests: Arc::new(open_requests),
+        activity: activity.clone(),
         request_timeout: settings.request_timeout,
         timeouts: settings.stats.request_timeouts.clone(),
     };
     let peer = conn.info().remote_addr;
     let connection = builder.serve_connection(TokioIo::new(conn), service);
     tokio::pin!(connection);
-    let idle = idle(requests, settings.idle_timeout);
+    let idle = idle(activity, settings.idle_timeout);
     tokio::pin!(idle);
     let mut closing = false;
     loop {
@@ -163,18 +165,45 @@ async fn serve_connection(
     }
 }
 
-/// Resolves once no request has been open for `timeout` (never if `None`).
-async fn idle(mut requests: watch::Receiver<usize>, timeout: Option<Duration>) {
+/// Resolves once no request has been open on the connection for
+/// `timeout` (never if `None`). It checks when the timeout could have run
+/// out, so requests coming and going cost two atomic operations and no
+/// wake-up.
+async fn idle(activity: Arc<Activity>, timeout: Option<Duration>) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
+    let mut check = Instant::now() + timeout;
     loop {
-        if requests.wait_for(|open| *open == 0).await.is_err() {
-            return std::future::pending().await;
+        tokio::time::sleep_until(check).await;
+        let now = Instant::now();
+        if activity.open.load(Acquire) > 0 {
+            check = now + timeout;
+            continue;
         }
-        tokio::select! {
-            () = tokio::time::sleep(timeout) => return,
-            _ = requests.wait_for(|open| *open > 0) => {}
+        let idle_since = activity.base + Duration::from_millis(activity.idle_since.load(Acquire));
+        match idle_since.checked_add(timeout) {
+            Some(due) if due > now => check = due,
+            _ => return,
+        }
+    }
+}
+
+/// Requests open on one connection, and since when none has been.
+struct Activity {
+    open: AtomicUsize,
+    /// When the last open request ended, in ms after `base`.
+    idle_since: AtomicU64,
+    /// When the connection started.
+    base: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            open: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            base: Instant::now(),
         }
     }
 }
@@ -185,7 +214,7 @@ async fn idle(mut requests: watch::Receiver<usize>, timeout: Option<Duration>) {
 struct ConnService {
     routes: Routes,
     info: TcpConnectInfo,
-    open_requests: Arc<watch::Sender<usize>>,
+    activity: Arc<Activity>,
     request_timeout: Duration,
     timeouts: Arc<AtomicU64>,
 }
@@ -200,7 +229,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 
     fn call(&self, mut request: Request<Incoming>) -> ResponseFuture {
         request.extensions_mut().insert(self.info.clone());
-        let open = OpenRequest::new(self.open_requests.clone());
+        let open = OpenRequest::new(self.activity.clone());
         let grpc = is_grpc(&request);
         let timeout = self.request_timeout;
         let timeouts = self.timeouts.clone();
@@ -239,18 +268,22 @@ fn timed_out(grpc: bool, timeout: Duration) -> Response<Body> {
 }
 
 /// Counts one open request on its connection until dropped.
-struct OpenRequest(Arc<watch::Sender<usize>>);
+struct OpenRequest(Arc<Activity>);
 
 impl OpenRequest {
-    fn new(count: Arc<watch::Sender<usize>>) -> OpenRequest {
-        count.send_modify(|open| *open += 1);
-        OpenRequest(count)
+    fn new(activity: Arc<Activity>) -> OpenRequest {
+        activity.open.fetch_add(1, AcqRel);
+        OpenRequest(activity)
     }
 }
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        self.0.send_modify(|open| *open -= 1);
+        let activity = &self.0;
+        if activity.open.fetch_sub(1, AcqRel) == 1 {
+            let now = activity.base.elapsed().as_millis() as u64;
+            activity.idle_since.fetch_max(now, AcqRel);
+        }
     }
 }
 
@@ -294,5 +327,33 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_end_of_the_last_request() {
+        let timeout = Duration::from_secs(10);
+        let activity = Arc::new(Activity::new());
+        let open = OpenRequest::new(activity.clone());
+        let idle = tokio::spawn(idle(activity.clone(), Some(timeout)));
+        // Busy for two and a half timeouts: not idle.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert!(!idle.is_finished());
+        let ended = Instant::now();
+        drop(open);
+        idle.await.unwrap();
+        let waited = ended.elapsed();
+        assert!(
+            waited >= timeout && waited < timeout + Duration::from_millis(10),
+            "{waited:?}"
+        );
+        // Never, with no timeout.
+        let never = tokio::spawn(super::idle(Arc::new(Activity::new()), None));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!never.is_finished());
     }
 }
