@@ -44,6 +44,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+/// How much longer than its wait an acquire may take before the SDK gives
+/// up on the server answering (see [`LockBuilder::acquire`]).
+pub const STREAM_GRACE: Duration = Duration::from_secs(2);
+
 /// The generated wire types, for callers that need the raw messages.
 pub use padlock_proto::v1 as proto;
 
@@ -430,7 +434,31 @@ impl LockBuilder {
 
     /// Waits for the lock. Fails with [`Error::NotAcquired`] when a
     /// [`wait`](Self::wait) was set and passed.
+    ///
+    /// With a wait, the whole call is bounded: if the request cannot even
+    /// reach the server within the wait plus [`STREAM_GRACE`] (this
+    /// connection is at the server's `--max-streams-per-connection`, or the
+    /// server does not answer), it fails with `DEADLINE_EXCEEDED` as
+    /// [`Error::Status`], not [`Error::NotAcquired`]: nobody was seen
+    /// holding the lock.
     pub async fn acquire(self) -> Result<LockGuard, Error> {
+        let Some(wait) = self.acquire.wait_ms.map(Duration::from_millis) else {
+            return self.hold().await;
+        };
+        let limit = wait.saturating_add(STREAM_GRACE);
+        match tokio::time::timeout(limit, self.hold()).await {
+            Ok(done) => done,
+            // Dropping the call ends its stream: anything granted in the
+            // meantime is released by the server.
+            Err(_) => Err(Error::Status(tonic::Status::deadline_exceeded(format!(
+                "no answer from padlockd within {limit:?} (the wait plus {STREAM_GRACE:?}): \
+                 this connection may be at the server's --max-streams-per-connection \
+                 (use another Client), or the server does not answer"
+            )))),
+        }
+    }
+
+    async fn hold(self) -> Result<LockGuard, Error> {
         let name = self.acquire.name.clone();
         let (requests, rx) = mpsc::channel(2);
         requests

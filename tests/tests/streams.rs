@@ -309,6 +309,36 @@ async fn the_sdk_at_the_stream_limit_waits_for_a_free_stream() {
         "a second connection could not lock a free name at once"
     );
 
+    // With a wait, the SDK does not wait for a stream forever: it gives up
+    // after the wait plus its grace, saying why, and not as "held by
+    // someone" (try-lock's None).
+    let bounded = client
+        .lock("limit/e")
+        .wait(Duration::from_millis(100))
+        .acquire();
+    match guarded("a bounded acquire at the limit", bounded).await {
+        Err(padlock::Error::Status(status)) => {
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+            assert!(
+                status.message().contains("--max-streams-per-connection"),
+                "{}",
+                status.message()
+            );
+        }
+        other => panic!("expected DEADLINE_EXCEEDED from the SDK, got {other:?}"),
+    }
+    match guarded(
+        "a try-lock at the limit",
+        client.lock("limit/e").try_acquire(),
+    )
+    .await
+    {
+        Err(padlock::Error::Status(status)) => {
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}")
+        }
+        other => panic!("expected DEADLINE_EXCEEDED from the SDK, got {other:?}"),
+    }
+
     // Releasing one lock frees a stream: the third acquire completes.
     guarded("release a", a.release())
         .await
