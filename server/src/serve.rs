@@ -16,7 +16,10 @@
 //! then stalls is answered DEADLINE_EXCEEDED (HTTP 408) instead of holding
 //! a stream forever. Streams start their response at once, so waiting for
 //! and holding a lock are not limited by it (the Hold stream's first
-//! message has its own deadline, in the gRPC adapter).
+//! message has its own deadline, in the gRPC adapter). It is also hyper's
+//! HTTP/1.1 header read timeout, which runs while a kept-alive HTTP/1.1
+//! connection waits for its next request: such a connection is closed
+//! after the request timeout, before the idle timeout.
 
 use crate::connections::Conn;
 use crate::http::error::ApiError;
