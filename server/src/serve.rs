@@ -176,20 +176,27 @@ async fn idle(activity: Arc<Activity>, timeout: Option<Duration>) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
-    let mut check = Instant::now() + timeout;
+    let mut check = after(Instant::now(), timeout);
     loop {
         tokio::time::sleep_until(check).await;
         let now = Instant::now();
         if activity.open.load(Acquire) > 0 {
-            check = now + timeout;
+            check = after(now, timeout);
             continue;
         }
         let idle_since = activity.base + Duration::from_millis(activity.idle_since.load(Acquire));
-        match idle_since.checked_add(timeout) {
-            Some(due) if due > now => check = due,
+        match after(idle_since, timeout) {
+            due if due > now => check = due,
             _ => return,
         }
     }
+}
+
+/// `at + duration`, or about 30 years from `at` for a duration too large
+/// to add (a huge `--idle-timeout` means never, not a panic).
+fn after(at: Instant, duration: Duration) -> Instant {
+    at.checked_add(duration)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// Requests open on one connection, and since when none has been.
@@ -354,6 +361,10 @@ mod tests {
             waited >= timeout && waited < timeout + Duration::from_millis(10),
             "{waited:?}"
         );
+        // A timeout too large to add to an instant means never.
+        let huge = tokio::spawn(super::idle(Arc::new(Activity::new()), Some(Duration::MAX)));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!huge.is_finished());
         // Never, with no timeout.
         let never = tokio::spawn(super::idle(Arc::new(Activity::new()), None));
         tokio::time::sleep(Duration::from_secs(3600)).await;
