@@ -13,4 +13,12 @@ pub mod v1 {
     /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/padlock_descriptor.bin"));
+
+    /// Metadata key that tells apart the statuses sharing one code: with
+    /// value [`REQUEST_TIMEOUT`] on a `DEADLINE_EXCEEDED`, the request was
+    /// cut by the server's `--request-timeout` (it was not a lock that
+    /// could not be had within its wait).
+    pub const ERROR_METADATA: &str = "padlock-error";
+    /// See [`ERROR_METADATA`].
+    pub const REQUEST_TIMEOUT: &str = "request-timeout";
 }

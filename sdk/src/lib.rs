@@ -103,7 +103,12 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        if status.code() == tonic::Code::DeadlineExceeded {
+        // The server's --request-timeout is marked: it is not "not acquired".
+        let cut = status
+            .metadata()
+            .get(pb::ERROR_METADATA)
+            .is_some_and(|v| v == pb::REQUEST_TIMEOUT);
+        if status.code() == tonic::Code::DeadlineExceeded && !cut {
             Error::NotAcquired(status.message().to_string())
         } else {
             Error::Status(status)
@@ -435,31 +440,18 @@ impl LockBuilder {
     /// Waits for the lock. Fails with [`Error::NotAcquired`] when a
     /// [`wait`](Self::wait) was set and passed.
     ///
-    /// With a wait, the whole call is bounded: if the request cannot even
-    /// reach the server within the wait plus [`STREAM_GRACE`] (this
-    /// connection is at the server's `--max-streams-per-connection`, or the
-    /// server does not answer), it fails with `DEADLINE_EXCEEDED` as
-    /// [`Error::Status`], not [`Error::NotAcquired`]: nobody was seen
-    /// holding the lock.
+    /// With a wait, the call does not wait forever for its stream to open:
+    /// if the request cannot even reach the server within the wait plus
+    /// [`STREAM_GRACE`] (this connection is at the server's
+    /// `--max-streams-per-connection`, or the server does not answer), it
+    /// fails with `DEADLINE_EXCEEDED` as [`Error::Status`], not
+    /// [`Error::NotAcquired`]: nobody was seen holding the lock.
     pub async fn acquire(self) -> Result<LockGuard, Error> {
-        let Some(wait) = self.acquire.wait_ms.map(Duration::from_millis) else {
-            return self.hold().await;
-        };
-        let limit = wait.saturating_add(STREAM_GRACE);
-        match tokio::time::timeout(limit, self.hold()).await {
-            Ok(done) => done,
-            // Dropping the call ends its stream: anything granted in the
-            // meantime is released by the server.
-            Err(_) => Err(Error::Status(tonic::Status::deadline_exceeded(format!(
-                "no answer from padlockd within {limit:?} (the wait plus {STREAM_GRACE:?}): \
-                 this connection may be at the server's --max-streams-per-connection \
-                 (use another Client), or the server does not answer"
-            )))),
-        }
-    }
-
-    async fn hold(self) -> Result<LockGuard, Error> {
         let name = self.acquire.name.clone();
+        let open_limit = self
+            .acquire
+            .wait_ms
+            .map(|ms| Duration::from_millis(ms).saturating_add(STREAM_GRACE));
         let (requests, rx) = mpsc::channel(2);
         requests
             .send(pb::HoldRequest {
@@ -467,12 +459,24 @@ impl LockBuilder {
             })
             .await
             .map_err(|_| Error::Protocol("request stream closed".into()))?;
-        let mut responses = self
-            .client
-            .grpc()
-            .hold(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut grpc = self.client.grpc();
+        // The server answers with headers as soon as the stream reaches it.
+        let open = grpc.hold(ReceiverStream::new(rx));
+        let opened = match open_limit {
+            None => open.await?,
+            Some(limit) => match tokio::time::timeout(limit, open).await {
+                Ok(opened) => opened?,
+                Err(_) => {
+                    return Err(Error::Status(tonic::Status::deadline_exceeded(format!(
+                        "the lock request did not reach padlockd within {limit:?} (the wait plus \
+                         {STREAM_GRACE:?}): this connection may be at the server's \
+                         --max-streams-per-connection (use another Client), or the server \
+                         does not answer"
+                    ))));
+                }
+            },
+        };
+        let mut responses = opened.into_inner();
         let granted = loop {
             match responses.message().await? {
                 Some(pb::HoldResponse {

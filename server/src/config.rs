@@ -274,8 +274,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
+    let duration = Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "'{text}' is longer than the longest allowed, {}m (365 days)",
+            MAX_DURATION.as_secs() / 60
+        ));
+    }
+    Ok(duration)
 }
+
+/// The longest duration any setting takes: longer ones could overflow a
+/// deadline in the HTTP stack, and mean "never" anyway.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
 /// A duration that must not be zero.
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
@@ -368,6 +379,17 @@ mod tests {
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_positive_duration("0s").unwrap_err().contains("zero"));
+        assert!(parse_duration("525600m").is_ok());
+        assert!(
+            parse_duration("525601m")
+                .unwrap_err()
+                .contains("longest allowed")
+        );
+        assert!(
+            parse_duration("2e17m")
+                .unwrap_err()
+                .contains("longest allowed")
+        );
     }
 
     #[test]

@@ -68,6 +68,17 @@ pub fn status(err: LockError) -> Status {
     }
 }
 
+/// DEADLINE_EXCEEDED for a request cut by `--request-timeout`, marked so
+/// that clients do not take it for a lock not acquired within its wait.
+pub fn request_timeout(message: String) -> Status {
+    let mut status = Status::deadline_exceeded(message);
+    status.metadata_mut().insert(
+        pb::ERROR_METADATA,
+        tonic::metadata::MetadataValue::from_static(pb::REQUEST_TIMEOUT),
+    );
+    status
+}
+
 fn kind_from_wire(value: i32) -> Result<Kind, LockError> {
     match pb::Kind::try_from(value) {
         Ok(pb::Kind::Unspecified | pb::Kind::File) => Ok(Kind::File),
@@ -265,7 +276,7 @@ impl Hold {
                 "no Acquire within {:?} of opening the Hold stream (--request-timeout)",
                 self.first_message
             );
-            return (Some(Err(Status::deadline_exceeded(msg))), Phase::Done);
+            return (Some(Err(request_timeout(msg))), Phase::Done);
         };
         let acquire = match first {
             Ok(Some(pb::HoldRequest {

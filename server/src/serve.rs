@@ -45,12 +45,12 @@ use tower::ServiceExt;
 /// What `/metrics` shows of the connections.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
-    /// Connections being served (over-limit ones being refused included).
+    /// Connections being served.
     pub open: AtomicI64,
     /// Connections closed for being idle.
     pub idle_closed: AtomicU64,
-    /// Requests (and Hold streams without an Acquire) cut by
-    /// `--request-timeout`.
+    /// Requests, Hold streams without an Acquire and connections that sent
+    /// nothing, cut by `--request-timeout`.
     pub request_timeouts: Arc<AtomicU64>,
 }
 
@@ -79,6 +79,9 @@ impl Serving {
             .max_concurrent_streams(self.max_streams_per_connection)
             .keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout);
+        // hyper's defaults for the rest, including its limit on streams a
+        // client makes the server reset (1024 per connection: "rapid
+        // reset" floods), which tonic's server turned off.
         builder
     }
 }
@@ -141,6 +144,19 @@ async fn serve_connection(
         timeouts: settings.stats.request_timeouts.clone(),
     };
     let peer = conn.info().remote_addr;
+    // A client that sends nothing at all has no request for the request
+    // timeout to cut, and would hold its place until the idle timeout.
+    let silent = {
+        let heard = conn.heard_from();
+        let wait = settings.request_timeout;
+        async move {
+            tokio::time::sleep(wait).await;
+            if heard.load(Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::pin!(silent);
     let connection = builder.serve_connection(TokioIo::new(conn), service);
     tokio::pin!(connection);
     let idle = idle(activity, settings.idle_timeout);
@@ -152,6 +168,11 @@ async fn serve_connection(
                 if let Err(err) = served {
                     tracing::debug!(?peer, %err, "connection ended with an error");
                 }
+                return;
+            }
+            () = &mut silent, if !closing => {
+                tracing::debug!(?peer, "closing a connection that sent nothing");
+                settings.stats.request_timeouts.fetch_add(1, Relaxed);
                 return;
             }
             () = &mut idle, if !closing => {
@@ -269,7 +290,7 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
 fn timed_out(grpc: bool, timeout: Duration) -> Response<Body> {
     let message = format!("the request was not complete within {timeout:?} (--request-timeout)");
     if grpc {
-        tonic::Status::deadline_exceeded(message).into_http()
+        crate::grpc::request_timeout(message).into_http()
     } else {
         ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
             .into_response()
@@ -289,11 +310,12 @@ impl OpenRequest {
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
+        // The time first, so that a count of 0 never goes with an older
+        // time (the idle check would close too early).
         let activity = &self.0;
-        if activity.open.fetch_sub(1, AcqRel) == 1 {
-            let now = activity.base.elapsed().as_millis() as u64;
-            activity.idle_since.fetch_max(now, AcqRel);
-        }
+        let now = activity.base.elapsed().as_millis() as u64;
+        activity.idle_since.fetch_max(now, AcqRel);
+        activity.open.fetch_sub(1, AcqRel);
     }
 }
 

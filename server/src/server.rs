@@ -210,6 +210,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // they do not keep the places for refusing others.
     let refusing = Serving {
         idle_timeout: Some(OVERFLOW_IDLE.min(serving.idle_timeout.unwrap_or(OVERFLOW_IDLE))),
+        // Counted apart: `padlock_connections` shows the served ones.
+        stats: Arc::default(),
         ..serving.clone()
     };
     tokio::spawn(crate::serve::serve(

@@ -4,6 +4,8 @@
 //! answers its pings on its own, so only hand-written frames can show the
 //! server's side. It keeps a log of every frame read, for failure messages.
 
+use padlock::proto::{self as pb, hold_request};
+use prost::Message;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -294,4 +296,36 @@ fn hpack_string(out: &mut Vec<u8>, s: &str) {
     assert!(s.len() < 127, "{s:?} needs a multi-byte HPACK length");
     out.push(s.len() as u8);
     out.extend_from_slice(s.as_bytes());
+}
+
+/// Opens `stream` as a Hold call and sends the Acquire for file lock
+/// `name` (the request side stays open: that is the held lock).
+pub async fn open_hold(raw: &mut RawH2, stream: u32, name: &str) {
+    raw.open_grpc(stream, "/padlock.v1.Padlock/Hold", false)
+        .await;
+    let request = pb::HoldRequest {
+        msg: Some(hold_request::Msg::Acquire(pb::Acquire {
+            name: name.to_string(),
+            kind: pb::Kind::File as i32,
+            owner: "raw HTTP/2 client (tests)".to_string(),
+            ..pb::Acquire::default()
+        })),
+    };
+    raw.send_grpc_message(stream, &request.encode_to_vec(), false)
+        .await;
+}
+/// Takes the complete gRPC messages (uncompressed) off the front of `buf`.
+pub fn take_messages(buf: &mut Vec<u8>) -> Vec<pb::HoldResponse> {
+    let mut out = Vec::new();
+    while buf.len() >= 5 {
+        assert_eq!(buf[0], 0, "compressed gRPC message from the server");
+        let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+        if buf.len() < 5 + len {
+            break;
+        }
+        let message = pb::HoldResponse::decode(&buf[5..5 + len]).expect("decode a HoldResponse");
+        out.push(message);
+        buf.drain(..5 + len);
+    }
+    out
 }

@@ -8,45 +8,12 @@
 //! HTTP/2 client library obeys the limit and queues the extra request
 //! locally, so only hand-written frames can show what the server does.
 
-use padlock::proto::{self as pb, hold_request, hold_response};
+use padlock::proto::{self as pb, hold_response};
 use padlock::{Client, Kind};
 use padlock_e2e::Server;
 use padlock_e2e::h2::*;
-use prost::Message;
 use std::collections::HashMap;
 use std::time::Duration;
-
-/// Opens `stream` as a Hold call and sends the Acquire for file lock
-/// `name` (the request side stays open: that is the held lock).
-async fn open_hold(raw: &mut RawH2, stream: u32, name: &str) {
-    raw.open_grpc(stream, "/padlock.v1.Padlock/Hold", false)
-        .await;
-    let request = pb::HoldRequest {
-        msg: Some(hold_request::Msg::Acquire(pb::Acquire {
-            name: name.to_string(),
-            kind: pb::Kind::File as i32,
-            owner: "streams.rs raw HTTP/2 client".to_string(),
-            ..pb::Acquire::default()
-        })),
-    };
-    raw.send_grpc_message(stream, &request.encode_to_vec(), false)
-        .await;
-}
-/// Takes the complete gRPC messages (uncompressed) off the front of `buf`.
-fn take_messages(buf: &mut Vec<u8>) -> Vec<pb::HoldResponse> {
-    let mut out = Vec::new();
-    while buf.len() >= 5 {
-        assert_eq!(buf[0], 0, "compressed gRPC message from the server");
-        let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
-        if buf.len() < 5 + len {
-            break;
-        }
-        let message = pb::HoldResponse::decode(&buf[5..5 + len]).expect("decode a HoldResponse");
-        out.push(message);
-        buf.drain(..5 + len);
-    }
-    out
-}
 
 /// Fails on any sign that the server touched a held stream: a message
 /// (Lost, Released, ...), trailers, or a reset. WINDOW_UPDATE is fine.

@@ -333,13 +333,13 @@ impl Metrics {
              # HELP padlock_tls_handshake_failures_total TLS handshakes that failed or timed out.\n\
              # TYPE padlock_tls_handshake_failures_total counter\n\
              padlock_tls_handshake_failures_total {tls_failures}\n\
-             # HELP padlock_connections Client connections open.\n\
+             # HELP padlock_connections Client connections being served (not counting over-limit ones being refused).\n\
              # TYPE padlock_connections gauge\n\
              padlock_connections {connections}\n\
              # HELP padlock_idle_connections_closed_total Connections closed after --idle-timeout with nothing open on them.\n\
              # TYPE padlock_idle_connections_closed_total counter\n\
              padlock_idle_connections_closed_total {idle_closed}\n\
-             # HELP padlock_request_timeouts_total Requests, and Hold streams without an Acquire, cut by --request-timeout.\n\
+             # HELP padlock_request_timeouts_total Requests, Hold streams without an Acquire and connections that sent nothing, cut by --request-timeout.\n\
              # TYPE padlock_request_timeouts_total counter\n\
              padlock_request_timeouts_total {request_timeouts}\n\
              # HELP padlock_sse_lagged_events_total Events that slow /v1/events subscribers missed.\n\
