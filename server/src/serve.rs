@@ -19,7 +19,8 @@
 //! message has its own deadline, in the gRPC adapter). It is also hyper's
 //! HTTP/1.1 header read timeout, which runs while a kept-alive HTTP/1.1
 //! connection waits for its next request: such a connection is closed
-//! after the request timeout, before the idle timeout.
+//! after the request timeout, before the idle timeout. A connection that
+//! sends nothing at all is closed after the request timeout too.
 
 use crate::connections::Conn;
 use crate::http::error::ApiError;
