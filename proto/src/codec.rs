@@ -5,10 +5,15 @@
 //! handful of tiny messages, so those two buffers would be most of what a
 //! held lock costs the server. Here they start at [`BUFFER_BYTES`] and grow
 //! on demand (a larger message still decodes, up to the configured limit).
+//!
+//! A message that does not decode (bad wire format, a string that is not
+//! UTF-8) is the sender's fault: it fails with INVALID_ARGUMENT and the
+//! decoder's explanation, not with tonic's INTERNAL.
 
 use std::marker::PhantomData;
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
 
 /// Initial buffer size per stream and direction.
 pub const BUFFER_BYTES: usize = 256;
@@ -33,13 +38,32 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = SmallDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
+        SmallDecoder(PhantomData)
+    }
+}
+
+/// Decodes `U` with prost; undecodable input is INVALID_ARGUMENT.
+#[derive(Debug)]
+pub struct SmallDecoder<U>(PhantomData<U>);
+
+impl<U: prost::Message + Default> Decoder for SmallDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(|err| {
+            Status::invalid_argument(format!("malformed message (not valid protobuf): {err}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD)
     }
 }

@@ -310,11 +310,22 @@ impl Client {
     /// Every lock the server knows (with holders or waiters), optionally
     /// only those whose name starts with `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<pb::LockInfo>, Error> {
-        let request = pb::ListLocksRequest {
-            prefix: prefix.to_string(),
-            kind: pb::Kind::Unspecified as i32,
-        };
-        Ok(self.grpc().list_locks(request).await?.into_inner().locks)
+        let mut locks = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let request = pb::ListLocksRequest {
+                prefix: prefix.to_string(),
+                kind: pb::Kind::Unspecified as i32,
+                limit: 1000,
+                cursor,
+            };
+            let page = self.grpc().list_locks(request).await?.into_inner();
+            locks.extend(page.locks);
+            if page.next_cursor.is_empty() {
+                return Ok(locks);
+            }
+            cursor = page.next_cursor;
+        }
     }
 
     /// One lock, or `None` when nobody holds or waits for it.
@@ -322,6 +333,7 @@ impl Client {
         let request = pb::GetLockRequest {
             name: name.to_string(),
             kind: kind_to_wire(kind) as i32,
+            ..pb::GetLockRequest::default()
         };
         match self.grpc().get_lock(request).await {
             Ok(info) => Ok(Some(info.into_inner())),

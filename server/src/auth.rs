@@ -3,33 +3,52 @@
 //! With `--client-token-file FILE`, every lock request (gRPC `Padlock`
 //! service, HTTP lock endpoints) needs `authorization: Bearer <token>`. The
 //! file has one token per line, optionally followed by whitespace and the
-//! lock-name prefix that token may use; blank lines and `#` comments are
-//! skipped:
+//! lock-name prefix that token may use, and by a quota `max_holds=N`: the
+//! most lock requests (held and awaited) the token may have open at once.
+//! Blank lines and `#` comments are skipped:
 //!
 //! ```text
-//! # token                           prefix (optional)
-//! 3f9c2b7e6a1d4c8e9b0a5f7d2c1e8b4a  billing/
+//! # token                           prefix (optional)  quota (optional)
+//! 3f9c2b7e6a1d4c8e9b0a5f7d2c1e8b4a  billing/           max_holds=100
 //! 8e1d5a9c3b7f2e6d0c4a8b1f5e9d3c7a
+//! 5b2e8d1c7a4f0e3b9c6d2a8f1e5b7c3d  max_holds=10
 //! ```
 //!
 //! Missing or unknown token: UNAUTHENTICATED (HTTP 401). A name outside the
-//! token's prefix: PERMISSION_DENIED (HTTP 403). Health, reflection and the
-//! admin endpoints are not covered (admin has its own token).
+//! token's prefix: PERMISSION_DENIED (HTTP 403). A quota reached:
+//! RESOURCE_EXHAUSTED (HTTP 429), and the token's other locks and every
+//! other token are unaffected. Health, reflection and the admin endpoints
+//! are not covered (admin has its own token).
 
+use crate::locks::Quota;
 use std::path::Path;
 use std::sync::Arc;
 
 /// What a request's token allows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Scope {
     /// Lock names must start with this (`None`: any name).
     pub prefix: Option<String>,
+    /// Lock requests the token may have open at once (`None`: no quota
+    /// beyond the server's own caps).
+    pub quota: Option<Arc<Quota>>,
 }
 
 impl Scope {
     /// Checks that `name` is within the scope.
     pub fn allows(&self, name: &str) -> bool {
         self.prefix.as_deref().is_none_or(|p| name.starts_with(p))
+    }
+
+    /// The prefix that lists names starting with `prefix` that this scope
+    /// may see; `None` when there are none.
+    pub fn narrow(&self, prefix: &str) -> Option<String> {
+        match self.prefix.as_deref() {
+            None => Some(prefix.to_string()),
+            Some(own) if prefix.starts_with(own) => Some(prefix.to_string()),
+            Some(own) if own.starts_with(prefix) => Some(own.to_string()),
+            Some(_) => None,
+        }
     }
 
     /// The error for a name outside the scope.
@@ -79,11 +98,29 @@ impl ClientTokens {
             }
             let mut words = line.split_whitespace();
             let token = words.next().unwrap_or_default();
-            let prefix = words.next().map(str::to_string);
-            if words.next().is_some() {
-                return Err(format!("line {}: expected `TOKEN [PREFIX]`", n + 1));
+            let mut prefix = None;
+            let mut quota = None;
+            for word in words {
+                if let Some(text) = word.strip_prefix("max_holds=") {
+                    let max: usize = text.parse().ok().filter(|m| *m > 0).ok_or_else(|| {
+                        format!(
+                            "line {}: max_holds must be a positive number, not '{text}'",
+                            n + 1
+                        )
+                    })?;
+                    if quota.replace(Quota::new(max)).is_some() {
+                        return Err(format!("line {}: max_holds is given twice", n + 1));
+                    }
+                } else if prefix.is_none() && quota.is_none() {
+                    prefix = Some(word.to_string());
+                } else {
+                    return Err(format!(
+                        "line {}: expected `TOKEN [PREFIX] [max_holds=N]`",
+                        n + 1
+                    ));
+                }
             }
-            tokens.push((token.as_bytes().to_vec(), Scope { prefix }));
+            tokens.push((token.as_bytes().to_vec(), Scope { prefix, quota }));
         }
         Ok(ClientTokens { tokens })
     }
@@ -189,14 +226,52 @@ mod tests {
     }
 
     #[test]
+    fn parses_quotas() {
+        let tokens =
+            ClientTokens::parse("abc billing/ max_holds=3\ndef max_holds=5\nghi team-a/\n")
+                .unwrap();
+        let abc = tokens.check(Some(b"Bearer abc")).unwrap();
+        assert_eq!(abc.prefix.as_deref(), Some("billing/"));
+        assert_eq!(abc.quota.as_ref().unwrap().max, 3);
+        let def = tokens.check(Some(b"Bearer def")).unwrap();
+        assert_eq!((def.prefix, def.quota.unwrap().max), (None, 5));
+        assert!(tokens.check(Some(b"Bearer ghi")).unwrap().quota.is_none());
+        // Every request with one token shares its quota.
+        let again = tokens.check(Some(b"Bearer abc")).unwrap();
+        assert!(Arc::ptr_eq(
+            abc.quota.as_ref().unwrap(),
+            again.quota.as_ref().unwrap()
+        ));
+        for bad in [
+            "abc max_holds=0",
+            "abc max_holds=x",
+            "abc p/ max_holds=1 max_holds=2",
+            "abc max_holds=1 p/",
+            "abc p/ q/",
+        ] {
+            assert!(ClientTokens::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn scopes_check_prefixes() {
         let scope = Scope {
             prefix: Some("billing/".into()),
+            quota: None,
         };
         assert!(scope.allows("billing/run"));
         assert!(!scope.allows("hr/run"));
         assert!(scope.denied("hr/run").contains("billing/"));
-        assert!(Scope { prefix: None }.allows("anything"));
+        assert_eq!(scope.narrow("").as_deref(), Some("billing/"));
+        assert_eq!(scope.narrow("bill").as_deref(), Some("billing/"));
+        assert_eq!(scope.narrow("billing/x").as_deref(), Some("billing/x"));
+        assert_eq!(scope.narrow("hr/"), None);
+        let open = Scope {
+            prefix: None,
+            quota: None,
+        };
+        assert!(open.allows("anything"));
+        assert_eq!(open.narrow("x").as_deref(), Some("x"));
     }
 
     #[test]

@@ -82,8 +82,19 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Most locks (names with holders or waiters) tracked at once.
-    #[arg(long, env = "PADLOCK_MAX_LOCKS", default_value_t = 100_000)]
+    #[arg(long, env = "PADLOCK_MAX_LOCKS", default_value_t = 20_000)]
     pub max_locks: usize,
+
+    /// Most lock requests open at once in the whole server, held or
+    /// waiting (each costs memory, a held file lock a descriptor); over it,
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PADLOCK_MAX_HOLDS", default_value_t = 20_000)]
+    pub max_holds: usize,
+
+    /// Most '/'-separated components in a lock name (each may be a
+    /// directory in the lock directory).
+    #[arg(long, env = "PADLOCK_MAX_NAME_COMPONENTS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_name_components: u16,
 
     /// Most waiters queued on one lock.
     #[arg(long, env = "PADLOCK_MAX_WAITERS_PER_LOCK", default_value_t = 10_000)]
@@ -97,7 +108,7 @@ pub struct Config {
     #[arg(
         long,
         env = "PADLOCK_MAX_STREAMS_PER_CONNECTION",
-        default_value_t = 10_000
+        default_value_t = 1_000
     )]
     pub max_streams_per_connection: u32,
 
@@ -139,6 +150,14 @@ pub struct Config {
     /// they are disabled (403).
     #[arg(long, env = "PADLOCK_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+
+    /// While padlockd listens on a loopback address, the host names
+    /// requests may carry besides loopback ones (`localhost`, `*.localhost`,
+    /// `127.0.0.0/8`, `::1`): a web page cannot reach a loopback padlockd
+    /// through a DNS name that rebinds to 127.0.0.1. Add the names a
+    /// reverse proxy on this machine forwards, or `*` for any.
+    #[arg(long, env = "PADLOCK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// A kind of lock, as `--kinds` names it.

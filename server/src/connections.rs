@@ -15,7 +15,7 @@ use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -35,9 +35,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Conn {
     io: Io,
     info: TcpConnectInfo,
-    /// Set once the client has sent anything (after TLS, if any).
-    heard: Arc<AtomicBool>,
-    heard_cached: bool,
     /// Its place (within the limit, or among the over-limit connections
     /// being refused), held for the connection's life.
     _permit: OwnedSemaphorePermit,
@@ -52,11 +49,6 @@ impl Conn {
     /// The peer's address (and ours).
     pub fn info(&self) -> &TcpConnectInfo {
         &self.info
-    }
-
-    /// Becomes true once the client has sent anything.
-    pub fn heard_from(&self) -> Arc<AtomicBool> {
-        self.heard.clone()
     }
 }
 
@@ -81,13 +73,7 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let read = delegate!(self, io => io.poll_read(cx, buf));
-        if !self.heard_cached && buf.filled().len() > before {
-            self.heard_cached = true;
-            self.heard.store(true, Ordering::Relaxed);
-        }
-        read
+        delegate!(self, io => io.poll_read(cx, buf))
     }
 }
 
@@ -212,8 +198,6 @@ async fn establish(
     Some(Conn {
         io,
         info,
-        heard: Arc::default(),
-        heard_cached: false,
         _permit: permit,
     })
 }

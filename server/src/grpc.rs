@@ -8,8 +8,8 @@ use crate::auth::Scope;
 use crate::locks::Ticket;
 use crate::locks::name::printable;
 use crate::locks::{
-    AcquireRequest, Grant, HolderView, Kind, LockError, LockTable, LockView, LostReason, Mode,
-    Notice, WaiterView,
+    AcquireRequest, Detail, Grant, HolderView, Kind, LockError, LockTable, LockView, LostReason,
+    Mode, Notice, WaiterView,
 };
 use padlock_proto::v1 as pb;
 use pb::hold_request::Msg as In;
@@ -17,7 +17,6 @@ use pb::hold_response::Msg as Out;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -61,9 +60,11 @@ pub fn status(err: LockError) -> Status {
         LockError::Unavailable(_) | LockError::Draining | LockError::Backend(_) => {
             Status::unavailable(msg)
         }
-        LockError::TooManyWaiters { .. } | LockError::TooManyLocks { .. } => {
-            Status::resource_exhausted(msg)
-        }
+        LockError::TooManyWaiters { .. }
+        | LockError::TooManyLocks { .. }
+        | LockError::TooManyHolds { .. }
+        | LockError::QuotaExceeded { .. }
+        | LockError::NoDescriptors { .. } => Status::resource_exhausted(msg),
         LockError::NotAcquired { .. } => Status::deadline_exceeded(msg),
     }
 }
@@ -115,47 +116,22 @@ fn mode_to_wire(mode: Mode) -> pb::Mode {
     }
 }
 
-/// Longest owner string and label count/size accepted, so that one request
-/// cannot make the table hold megabytes of metadata.
-const MAX_OWNER_BYTES: usize = 256;
-const MAX_LABELS: usize = 16;
-const MAX_LABEL_BYTES: usize = 256;
-
 fn decode_acquire(
     a: pb::Acquire,
     peer: String,
-) -> Result<(AcquireRequest, Option<Duration>), LockError> {
-    let kind = kind_from_wire(a.kind)?;
-    let mode = mode_from_wire(a.mode)?;
-    if a.owner.len() > MAX_OWNER_BYTES {
-        return Err(LockError::InvalidArgument(format!(
-            "owner is {} bytes long; the limit is {MAX_OWNER_BYTES}",
-            a.owner.len()
-        )));
-    }
-    if a.labels.len() > MAX_LABELS
-        || a.labels
-            .iter()
-            .any(|(k, v)| k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
-    {
-        return Err(LockError::InvalidArgument(format!(
-            "at most {MAX_LABELS} labels, each key and value at most {MAX_LABEL_BYTES} bytes"
-        )));
-    }
-    let wait = a.wait_ms.map(Duration::from_millis);
-    Ok((
-        AcquireRequest {
-            name: a.name,
-            kind,
-            mode,
-            limit: a.limit,
-            owner: a.owner,
-            peer,
-            labels: a.labels.into_iter().collect(),
-            try_only: wait == Some(Duration::ZERO),
-        },
-        wait,
-    ))
+    scope: Option<&Scope>,
+) -> Result<AcquireRequest, LockError> {
+    Ok(AcquireRequest {
+        kind: kind_from_wire(a.kind)?,
+        mode: mode_from_wire(a.mode)?,
+        name: a.name,
+        limit: a.limit,
+        owner: a.owner,
+        peer,
+        labels: a.labels.into_iter().collect(),
+        wait: a.wait_ms.map(Duration::from_millis),
+        quota: scope.and_then(|s| s.quota.clone()),
+    })
 }
 
 type Reply = Result<pb::HoldResponse, Status>;
@@ -200,12 +176,10 @@ struct Hold {
 enum Phase {
     /// Waiting for the Acquire.
     Start,
-    /// Queued; `deadline` ends the wait.
+    /// Queued until granted or the wait (`wait`) ends.
     Waiting {
         ticket: Ticket,
-        name: String,
-        wait: Option<Duration>,
-        deadline: Option<Instant>,
+        wait: Duration,
     },
     Holding(Ticket),
     Done,
@@ -253,12 +227,7 @@ impl Hold {
             let (reply, next) = match std::mem::replace(&mut self.phase, Phase::Done) {
                 Phase::Done => return None,
                 Phase::Start => self.start().await,
-                Phase::Waiting {
-                    ticket,
-                    name,
-                    wait,
-                    deadline,
-                } => self.waiting(ticket, name, wait, deadline).await,
+                Phase::Waiting { ticket, wait } => self.waiting(ticket, wait).await,
                 Phase::Holding(ticket) => self.holding(ticket).await,
             };
             self.phase = next;
@@ -296,8 +265,9 @@ impl Hold {
             Ok(None) => return (None, Phase::Done),
             Err(status) => return (Some(Err(status)), Phase::Done),
         };
-        let (request, wait) = match decode_acquire(acquire, std::mem::take(&mut self.peer)) {
-            Ok(decoded) => decoded,
+        let peer = std::mem::take(&mut self.peer);
+        let request = match decode_acquire(acquire, peer, self.scope.as_ref()) {
+            Ok(request) => request,
             Err(err) => return (Some(Err(status(err))), Phase::Done),
         };
         let name = request.name.clone();
@@ -305,37 +275,24 @@ impl Hold {
             let denied = Status::permission_denied(scope.denied(&name));
             return (Some(Err(denied)), Phase::Done);
         }
+        let wait = request.wait.unwrap_or_default();
         match self.table.acquire(request) {
             Ok(ticket) => {
                 let span = tracing::Span::current();
                 span.record("name", printable(&name));
                 span.record("id", ticket.id());
                 tracing::debug!(kind = ticket.kind().as_str(), "queued");
-                // A try-lock (wait 0) is answered by the table (or, for
-                // Redis, by its one network attempt), not by a timer.
-                let deadline = wait.filter(|w| !w.is_zero()).map(|w| Instant::now() + w);
-                (
-                    None,
-                    Phase::Waiting {
-                        ticket,
-                        name,
-                        wait,
-                        deadline,
-                    },
-                )
+                (None, Phase::Waiting { ticket, wait })
             }
             Err(err) => (Some(Err(status(err))), Phase::Done),
         }
     }
 
     /// Until granted, failed, timed out, cancelled or disconnected.
-    async fn waiting(
-        &mut self,
-        mut ticket: Ticket,
-        name: String,
-        wait: Option<Duration>,
-        deadline: Option<Instant>,
-    ) -> (Option<Reply>, Phase) {
+    async fn waiting(&mut self, mut ticket: Ticket, wait: Duration) -> (Option<Reply>, Phase) {
+        // A try-lock (wait 0) is answered by the table (or, for Redis, by
+        // its one network attempt), not by a timer.
+        let deadline = ticket.deadline();
         let expired = async {
             match deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -346,7 +303,7 @@ impl Hold {
             notice = ticket.notices.recv() => match notice {
                 Some(Notice::Queued { position, holders }) => {
                     let queued = reply(Out::Queued(pb::Queued { position, holders }));
-                    (Some(queued), Phase::Waiting { ticket, name, wait, deadline })
+                    (Some(queued), Phase::Waiting { ticket, wait })
                 }
                 Some(Notice::Granted(grant)) => {
                     tracing::debug!(fence = grant.fence, "granted");
@@ -365,16 +322,7 @@ impl Hold {
                 Ok(None) => (None, Phase::Done),
                 Err(status) => (Some(Err(status)), Phase::Done),
             },
-            () = expired => {
-                let holders = self.table.get(ticket.kind(), &name).map_or(0, |l| l.holders.len());
-                drop(ticket);
-                let err = LockError::NotAcquired {
-                    name: printable(&name),
-                    holders,
-                    waited: wait.unwrap_or_default(),
-                };
-                (Some(Err(status(err))), Phase::Done)
-            }
+            () = expired => (Some(Err(status(ticket.time_out(wait)))), Phase::Done),
         }
     }
 
@@ -394,15 +342,28 @@ impl Hold {
                 // Whatever came, the lock ends here; release it before
                 // saying so: once the client reads Released, the next
                 // holder may already have the lock.
-                drop(ticket);
                 match msg {
                     Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
-                        (Some(reply(Out::Released(pb::Released {}))), Phase::Done)
+                        // Released only if it was still held: a lock taken
+                        // away meanwhile (a paused padlockd reaped by
+                        // another instance) is reported as lost.
+                        match ticket.release().await {
+                            Ok(()) => (Some(reply(Out::Released(pb::Released {}))), Phase::Done),
+                            Err(Notice::Lost { reason, detail }) => {
+                                tracing::info!(?reason, %detail, "lost before its release");
+                                let lost = pb::Lost { reason: lost_to_wire(reason) as i32, detail };
+                                (Some(reply(Out::Lost(lost))), Phase::Done)
+                            }
+                            Err(_) => (None, Phase::Done),
+                        }
                     }
-                    Ok(Some(_)) => (
-                        invalid("a second Acquire on one Hold stream: the lock was released; use one stream per lock"),
-                        Phase::Done,
-                    ),
+                    Ok(Some(_)) => {
+                        drop(ticket);
+                        (
+                            invalid("a second Acquire on one Hold stream: the lock was released; use one stream per lock"),
+                            Phase::Done,
+                        )
+                    }
                     Ok(None) => (None, Phase::Done),
                     Err(status) => (Some(Err(status)), Phase::Done),
                 }
@@ -449,7 +410,41 @@ fn lock_to_wire(v: LockView) -> pb::LockInfo {
         limit: v.limit,
         holders: v.holders.into_iter().map(holder_to_wire).collect(),
         waiters: v.waiters.into_iter().map(waiter_to_wire).collect(),
+        holders_total: v.holders_total.try_into().unwrap_or(u32::MAX),
+        waiters_total: v.waiters_total.try_into().unwrap_or(u32::MAX),
     }
+}
+
+/// Page sizes: the default and the most a request may ask for.
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1000;
+
+/// `limit` of a list or a waiter page: 0 means the default.
+fn page_size(limit: u32, what: &str) -> Result<usize, Status> {
+    match limit {
+        0 => Ok(DEFAULT_PAGE as usize),
+        n if n <= MAX_PAGE => Ok(n as usize),
+        n => Err(Status::invalid_argument(format!(
+            "{what} {n} is out of range: 1 to {MAX_PAGE} (0: {DEFAULT_PAGE})"
+        ))),
+    }
+}
+
+/// A list cursor: `<kind>:<name>` of the last lock of the previous page.
+pub fn parse_cursor(cursor: &str) -> Option<(Kind, &str)> {
+    let (kind, name) = cursor.split_once(':')?;
+    let kind = match kind {
+        "file" => Kind::File,
+        "semaphore" => Kind::Semaphore,
+        "redis" => Kind::Redis,
+        _ => return None,
+    };
+    Some((kind, name))
+}
+
+/// The cursor that continues after `lock`.
+pub fn cursor_after(lock: &LockView) -> String {
+    format!("{}:{}", lock.kind.as_str(), lock.name)
 }
 
 /// Resident set size of this process, from /proc/self/statm.
@@ -494,15 +489,29 @@ impl pb::padlock_server::Padlock for PadlockService {
             0 => None,
             k => Some(kind_from_wire(k).map_err(status)?),
         };
+        let limit = page_size(req.limit, "limit")?;
+        let after = match req.cursor.as_str() {
+            "" => None,
+            cursor => Some(parse_cursor(cursor).ok_or_else(|| {
+                Status::invalid_argument("bad cursor: pass the next_cursor of the previous page")
+            })?),
+        };
         // A token limited to a prefix sees only the locks under it.
-        let locks = self
-            .table
-            .list(kind, &req.prefix)
-            .into_iter()
-            .filter(|lock| scope.as_ref().is_none_or(|s| s.allows(&lock.name)))
-            .map(lock_to_wire)
-            .collect();
-        Ok(Response::new(pb::ListLocksResponse { locks }))
+        let prefix = match &scope {
+            Some(scope) => scope.narrow(&req.prefix),
+            None => Some(req.prefix),
+        };
+        let Some(prefix) = prefix else {
+            return Ok(Response::new(pb::ListLocksResponse::default()));
+        };
+        let after = after.map(|(kind, name)| (name, kind));
+        let page = self.table.list(kind, &prefix, after, limit, &Detail::LIST);
+        let next_cursor = match page.locks.last() {
+            Some(last) if page.more => cursor_after(last),
+            _ => String::new(),
+        };
+        let locks = page.locks.into_iter().map(lock_to_wire).collect();
+        Ok(Response::new(pb::ListLocksResponse { locks, next_cursor }))
     }
 
     async fn get_lock(
@@ -515,7 +524,11 @@ impl pb::padlock_server::Padlock for PadlockService {
         if let Some(scope) = scope.filter(|s| !s.allows(&req.name)) {
             return Err(Status::permission_denied(scope.denied(&req.name)));
         }
-        match self.table.get(kind, &req.name) {
+        let detail = Detail::show(
+            req.waiter_offset as usize,
+            page_size(req.waiter_limit, "waiter_limit")?,
+        );
+        match self.table.get(kind, &req.name, &detail) {
             Some(view) => Ok(Response::new(lock_to_wire(view))),
             None => Err(Status::not_found(format!(
                 "no {} lock named '{}' is held or waited for",
@@ -527,11 +540,25 @@ impl pb::padlock_server::Padlock for PadlockService {
 
     async fn get_server_info(
         &self,
-        _: Request<pb::GetServerInfoRequest>,
+        request: Request<pb::GetServerInfoRequest>,
     ) -> Result<Response<pb::ServerInfo>, Status> {
-        let totals = self.table.totals();
+        let scope = request.extensions().get::<Scope>().cloned();
+        let version = env!("CARGO_PKG_VERSION").to_string();
+        // A token limited to a prefix learns only about its own names.
+        if let Some(prefix) = scope.as_ref().and_then(|s| s.prefix.as_deref()) {
+            let totals = self.table.totals(prefix);
+            return Ok(Response::new(pb::ServerInfo {
+                version,
+                rss_bytes: 0,
+                locks: totals.locks as u64,
+                holders: totals.holders as u64,
+                waiters: totals.waiters as u64,
+                lock_dir: String::new(),
+            }));
+        }
+        let totals = self.table.totals("");
         Ok(Response::new(pb::ServerInfo {
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version,
             rss_bytes: rss_bytes(),
             locks: totals.locks as u64,
             holders: totals.holders as u64,

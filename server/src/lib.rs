@@ -7,10 +7,12 @@
 pub mod auth;
 pub mod config;
 mod connections;
+pub mod fds;
 pub mod grpc;
 pub mod http;
 pub mod kinds;
 pub mod locks;
+mod origin;
 mod serve;
 mod server;
 

@@ -2,9 +2,9 @@
 
 use padlock_server::config::LogFormat;
 use std::process::ExitCode;
+use std::time::Duration;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match padlock_server::Config::load() {
         Ok(config) => config,
         Err(message) => {
@@ -23,7 +23,21 @@ async fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
-    match padlock_server::run(config).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("padlockd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(padlock_server::run(config));
+    // Whatever a task is stuck in, the process ends now: tasks still
+    // running are dropped, not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("padlockd: {err}");

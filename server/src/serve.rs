@@ -19,8 +19,29 @@
 //! message has its own deadline, in the gRPC adapter). It is also hyper's
 //! HTTP/1.1 header read timeout, which runs while a kept-alive HTTP/1.1
 //! connection waits for its next request: such a connection is closed
-//! after the request timeout, before the idle timeout. A connection that
-//! sends nothing at all is closed after the request timeout too.
+//! after the request timeout, before the idle timeout. A connection whose
+//! first request has not arrived within the request timeout (it sent
+//! nothing, or a part of the HTTP/2 preface, or only the preface) is shut
+//! down: HTTP/2 clients that completed the preface get GOAWAY and reconnect
+//! for their next call, the rest are closed.
+//!
+//! **Bounded responses.** Every response that is not a stream (everything
+//! but Hold streams, NDJSON holds, event streams and the gRPC health watch
+//! and reflection streams) is bounded in size by its handler (a page of
+//! locks stays under about 1 MiB) and here in number and time: at most
+//! [`BOUNDED_PER_CONNECTION`] in flight per connection and
+//! [`BOUNDED_IN_FLIGHT`] in the server (later ones wait for a place, within
+//! the request timeout), and each must be read by the client within the
+//! request timeout of its start. A client that does not read its responses
+//! is disconnected (as Redis does with its output buffer limit), so the
+//! memory one client can pin is bounded.
+//!
+//! **Browsers.** A request that changes state (any method but GET, HEAD
+//! and OPTIONS) with an `Origin` of another site, or `Sec-Fetch-Site:
+//! cross-site`, is refused (403): a web page cannot take or revoke locks.
+//! While padlockd listens on a loopback address, a request whose `Host`
+//! is not a loopback name (or one of `--allowed-hosts`) is refused too, so
+//! a page whose DNS name rebinds to 127.0.0.1 cannot reach it.
 
 use crate::connections::Conn;
 use crate::http::error::ApiError;
@@ -36,7 +57,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::service::Routes;
@@ -55,6 +76,11 @@ pub struct ConnectionStats {
     pub request_timeouts: Arc<AtomicU64>,
 }
 
+/// Bounded (non-stream) responses in flight at once, in the whole server.
+pub const BOUNDED_IN_FLIGHT: usize = 64;
+/// Bounded responses in flight at once on one connection.
+pub const BOUNDED_PER_CONNECTION: usize = 8;
+
 /// How connections are served.
 #[derive(Clone, Debug)]
 pub struct Serving {
@@ -65,6 +91,10 @@ pub struct Serving {
     /// `None`: idle connections are kept.
     pub idle_timeout: Option<Duration>,
     pub stats: Arc<ConnectionStats>,
+    /// Places for bounded responses, shared by every connection.
+    pub bounded: Arc<Semaphore>,
+    /// Which `Host` names are accepted (`None`: any).
+    pub hosts: Option<Arc<crate::origin::Hosts>>,
 }
 
 impl Serving {
@@ -137,27 +167,38 @@ async fn serve_connection(
 ) {
     let _counted = OpenConnection::new(settings.stats.clone());
     let activity = Arc::new(Activity::new());
+    let unread = Arc::new(Notify::new());
     let service = ConnService {
         routes,
         info: conn.info().clone(),
         activity: activity.clone(),
         request_timeout: settings.request_timeout,
         timeouts: settings.stats.request_timeouts.clone(),
+        bounded: settings.bounded.clone(),
+        own_bounded: Arc::new(Semaphore::new(BOUNDED_PER_CONNECTION)),
+        unread: unread.clone(),
+        hosts: settings.hosts.clone(),
     };
     let peer = conn.info().remote_addr;
-    // A client that sends nothing at all has no request for the request
-    // timeout to cut, and would hold its place until the idle timeout.
+    // A client whose first request does not come (it sent nothing, or a
+    // stalled preface) has no request for the request timeout to cut, and
+    // would hold its place until the idle timeout, or forever.
     let silent = {
-        let heard = conn.heard_from();
+        let activity = activity.clone();
         let wait = settings.request_timeout;
         async move {
             tokio::time::sleep(wait).await;
-            if heard.load(Relaxed) {
+            if activity.requests.load(Acquire) > 0 {
                 std::future::pending::<()>().await;
             }
         }
     };
     tokio::pin!(silent);
+    // After a shutdown for want of a first request, the connection gets
+    // this long to close before it is dropped.
+    let hard_close = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(hard_close);
+    let mut abandoning = false;
     let connection = builder.serve_connection(TokioIo::new(conn), service);
     tokio::pin!(connection);
     let idle = idle(activity, settings.idle_timeout);
@@ -172,7 +213,16 @@ async fn serve_connection(
                 return;
             }
             () = &mut silent, if !closing => {
-                tracing::debug!(?peer, "closing a connection that sent nothing");
+                tracing::debug!(?peer, "closing a connection whose first request did not come");
+                settings.stats.request_timeouts.fetch_add(1, Relaxed);
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                abandoning = true;
+                hard_close.as_mut().reset(Instant::now() + Duration::from_secs(1));
+            }
+            () = &mut hard_close, if abandoning => return,
+            () = unread.notified() => {
+                tracing::debug!(?peer, "closing a connection that does not read its responses");
                 settings.stats.request_timeouts.fetch_add(1, Relaxed);
                 return;
             }
@@ -223,6 +273,8 @@ fn after(at: Instant, duration: Duration) -> Instant {
 
 /// Requests open on one connection, and since when none has been.
 struct Activity {
+    /// Requests that arrived on the connection so far.
+    requests: AtomicU64,
     open: AtomicUsize,
     /// When the last open request ended, in ms after `base`.
     idle_since: AtomicU64,
@@ -233,6 +285,7 @@ struct Activity {
 impl Activity {
     fn new() -> Activity {
         Activity {
+            requests: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             base: Instant::now(),
@@ -249,6 +302,12 @@ struct ConnService {
     activity: Arc<Activity>,
     request_timeout: Duration,
     timeouts: Arc<AtomicU64>,
+    /// The server's places for bounded responses, and this connection's.
+    bounded: Arc<Semaphore>,
+    own_bounded: Arc<Semaphore>,
+    /// Told when a bounded response was not read in time.
+    unread: Arc<Notify>,
+    hosts: Option<Arc<crate::origin::Hosts>>,
 }
 
 type ResponseFuture =
@@ -260,23 +319,63 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Future = ResponseFuture;
 
     fn call(&self, mut request: Request<Incoming>) -> ResponseFuture {
+        self.activity.requests.fetch_add(1, AcqRel);
         request.extensions_mut().insert(self.info.clone());
         let open = OpenRequest::new(self.activity.clone());
         let grpc = is_grpc(&request);
+        if let Err(refused) = crate::origin::check(&request, self.hosts.as_deref()) {
+            let response = refused.into_response(grpc);
+            return Box::pin(
+                async move { Ok(response.map(|body| Counted::new(body, open, None))) },
+            );
+        }
+        let streaming = is_stream(&request);
         let timeout = self.request_timeout;
         let timeouts = self.timeouts.clone();
-        let response = self.routes.clone().oneshot(request.map(Body::new));
+        let places = (!streaming).then(|| (self.bounded.clone(), self.own_bounded.clone()));
+        let unread = self.unread.clone();
+        let routes = self.routes.clone();
+        let request = request.map(Body::new);
         Box::pin(async move {
-            let response = match tokio::time::timeout(timeout, response).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(never)) => match never {},
+            let respond = async move {
+                let permits = match places {
+                    Some((server, own)) => {
+                        let own = own.acquire_owned().await.ok();
+                        let server = server.acquire_owned().await.ok();
+                        Some((own, server))
+                    }
+                    None => None,
+                };
+                let response = routes.oneshot(request).await;
+                (response, permits)
+            };
+            let (response, permits) = match tokio::time::timeout(timeout, respond).await {
+                Ok((Ok(response), permits)) => (response, permits),
+                Ok((Err(never), _)) => match never {},
                 Err(_) => {
                     timeouts.fetch_add(1, Relaxed);
-                    timed_out(grpc, timeout)
+                    (timed_out(grpc, timeout), None)
                 }
             };
-            Ok(response.map(|body| Counted { body, _open: open }))
+            let bound = permits.map(|permits| Bound::start(permits, timeout, unread));
+            Ok(response.map(|body| Counted::new(body, open, bound)))
         })
+    }
+}
+
+/// Is the response to this request a stream that lives as long as a lock
+/// is held or waited for (or events are followed)?
+fn is_stream<B>(request: &Request<B>) -> bool {
+    let path = request.uri().path();
+    if is_grpc(request) {
+        return path == "/padlock.v1.Padlock/Hold"
+            || path == "/grpc.health.v1.Health/Watch"
+            || path.starts_with("/grpc.reflection.");
+    }
+    match *request.method() {
+        axum::http::Method::POST => path.starts_with("/v1/locks/") && path.ends_with("/hold"),
+        axum::http::Method::GET => path == "/v1/events",
+        _ => false,
     }
 }
 
@@ -320,11 +419,57 @@ impl Drop for OpenRequest {
     }
 }
 
+/// A bounded response's places (released when its body is sent or
+/// dropped) and the watch on how long it takes to be read.
+struct Bound {
+    _places: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+    /// Dropped once the body is sent (or dropped): ends the watch.
+    _sent: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Bound {
+    /// Starts the clock: when the body is not sent within `limit`, the
+    /// connection is told (through `unread`) to close.
+    fn start(
+        places: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+        limit: Duration,
+        unread: Arc<Notify>,
+    ) -> Bound {
+        let (sent, watch) = tokio::sync::oneshot::channel::<()>();
+        let unread = Arc::downgrade(&unread);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(limit) => {
+                    if let Some(unread) = unread.upgrade() {
+                        unread.notify_one();
+                    }
+                }
+                _ = watch => {}
+            }
+        });
+        Bound {
+            _places: places,
+            _sent: sent,
+        }
+    }
+}
+
 /// A response body that keeps its request counted as open until it ends
-/// or is dropped.
+/// or is dropped (and, for a bounded response, its places).
 struct Counted {
     body: Body,
     _open: OpenRequest,
+    bound: Option<Bound>,
+}
+
+impl Counted {
+    fn new(body: Body, open: OpenRequest, bound: Option<Bound>) -> Counted {
+        Counted {
+            body,
+            _open: open,
+            bound,
+        }
+    }
 }
 
 impl http_body::Body for Counted {
@@ -335,7 +480,12 @@ impl http_body::Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            // Sent: its places are free for others.
+            self.bound = None;
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -2,6 +2,7 @@
 
 use crate::auth::{ClientTokens, GrpcAuth};
 use crate::config::{Config, ServedKind};
+use crate::fds::Descriptors;
 use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
 use crate::kinds::{Kind as KindImpl, file::FileKind, fs::Root, semaphore::SemaphoreKind};
@@ -44,7 +45,7 @@ const OVERFLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs padlockd until SIGTERM or SIGINT, then drains: holders are told
 /// `Lost{shutdown}`, waiters get UNAVAILABLE, and the server exits.
 pub async fn run(config: Config) -> Result<(), StartError> {
-    raise_fd_limit();
+    let fds = Descriptors::raise_and_plan(config.max_connections);
     let lock_dir = config.lock_dir();
     let shown = lock_dir.display().to_string();
     let root = Arc::new(Root::open(&lock_dir).map_err(|err| StartError::LockDir {
@@ -52,10 +53,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         err,
     })?);
     let state_dir = lock_dir.join(crate::locks::name::RESERVED_DIR);
-    let fences = Fences::open(&state_dir).map_err(|err| StartError::State {
+    let state_error = |err| StartError::State {
         dir: state_dir.display().to_string(),
         err,
-    })?;
+    };
+    let state = root
+        .private_subdir(crate::locks::name::RESERVED_DIR)
+        .map_err(state_error)?;
+    let fences = Fences::open(&state).map_err(state_error)?;
+    drop(state);
 
     let serves = |kind: ServedKind| match &config.kinds {
         Some(kinds) => kinds.contains(&kind),
@@ -68,10 +74,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
     if serves(ServedKind::File) {
-        kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
+        let file = FileKind::new(root.clone(), fds.clone());
+        kinds.insert(Kind::File, Box::new(file));
     }
     if serves(ServedKind::Semaphore) {
-        kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
+        let semaphore = SemaphoreKind::new(root, fds.clone());
+        kinds.insert(Kind::Semaphore, Box::new(semaphore));
     }
     if let Some(url) = config
         .redis_url
@@ -83,7 +91,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             health_timeout: config.redis_health_timeout,
             ..RedisConfig::default()
         };
-        let redis = RedisKind::connect(url, redis_config)
+        let redis = RedisKind::connect(url, redis_config, fds.clone())
             .await
             .map_err(StartError::Redis)?;
         if !redis.is_healthy() {
@@ -95,7 +103,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_locks: config.max_locks,
         max_waiters_per_lock: config.max_waiters_per_lock,
         max_semaphore_limit: config.max_semaphore_limit,
+        max_holds: config.max_holds,
+        max_name_components: config.max_name_components.into(),
     };
+    warn_about_descriptors(&fds, &config);
     let table = LockTable::new(kinds, fences, limits);
     let metrics = crate::http::Metrics::install(&table);
     let admin = match &config.admin_token_file {
@@ -169,8 +180,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let draining = {
         let table = table.clone();
+        let grace = config.shutdown_grace;
         async move {
             signal.await;
+            watchdog(grace + WATCHDOG_SLACK);
             tracing::info!("shutting down: telling holders and waiters");
             // Not serving, for the lock service and the server as a whole
             // (service ""), before anything else: balancers stop sending.
@@ -205,6 +218,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         request_timeout: config.request_timeout,
         idle_timeout: Some(config.idle_timeout).filter(|t| !t.is_zero()),
         stats: metrics.connections.clone(),
+        bounded: Arc::new(tokio::sync::Semaphore::new(crate::serve::BOUNDED_IN_FLIGHT)),
+        // On loopback, only loopback names (and --allowed-hosts): no DNS
+        // rebinding from a web page.
+        hosts: addr.ip().is_loopback().then(|| {
+            Arc::new(crate::origin::Hosts {
+                extra: config
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .collect(),
+            })
+        }),
     };
     // Over-limit connections are told so and then let go soon, so that
     // they do not keep the places for refusing others.
@@ -238,6 +263,28 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     Ok(())
 }
 
+/// How long after the shutdown grace the watchdog ends the process.
+const WATCHDOG_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A thread of its own, outside the async runtime, that ends the process
+/// `after` from now, whatever the runtime's tasks are stuck in: a shutdown
+/// always ends.
+fn watchdog(after: std::time::Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(after);
+            eprintln!(
+                "padlockd: still running {after:?} after SIGTERM/SIGINT (--shutdown-grace plus \
+                 {WATCHDOG_SLACK:?}); exiting now"
+            );
+            std::process::exit(1);
+        });
+    if let Err(err) = spawned {
+        tracing::error!(%err, "cannot start the shutdown watchdog");
+    }
+}
+
 /// Installs the SIGTERM/SIGINT handlers at once (before padlockd says it
 /// listens, so an early SIGTERM still drains) and returns a future that
 /// resolves on the first of them.
@@ -259,14 +306,22 @@ fn shutdown_signal() -> impl Future<Output = ()> {
     }
 }
 
-/// Each held file lock is an open descriptor: use the whole hard limit.
-fn raise_fd_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        limit.current = limit.maximum;
-        if let Err(err) = setrlimit(Resource::Nofile, limit) {
-            tracing::warn!(%err, "cannot raise the open-file limit");
-        }
+/// Says at start when the caps allow more locks than descriptors do.
+fn warn_about_descriptors(fds: &Descriptors, config: &Config) {
+    let locks = config.max_locks.min(config.max_holds);
+    if locks > fds.budget {
+        tracing::warn!(
+            limit = fds.limit,
+            reserve = fds.reserve,
+            budget = fds.budget,
+            max_locks = config.max_locks,
+            max_holds = config.max_holds,
+            "locks can use {} file descriptors (RLIMIT_NOFILE {} less {} kept for connections), \
+             fewer than --max-locks/--max-holds allow: grants past that get RESOURCE_EXHAUSTED; \
+             raise the hard limit (ulimit -Hn, systemd LimitNOFILE) or lower the caps",
+            fds.budget,
+            fds.limit,
+            fds.reserve,
+        );
     }
 }

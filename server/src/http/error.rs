@@ -35,6 +35,7 @@ pub struct ErrorDetail {
     /// Stable, machine-readable: `invalid_name`, `invalid_argument`,
     /// `unauthenticated`, `admin_disabled`, `not_found`, `not_acquired`,
     /// `limit_mismatch`, `too_many_waiters`, `too_many_locks`,
+    /// `too_many_holds`, `quota_exceeded`, `too_many_files`,
     /// `unavailable`, `draining`, `backend`, `method_not_allowed`.
     #[schema(example = "invalid_name")]
     pub code: String,
@@ -81,6 +82,9 @@ impl From<LockError> for ApiError {
             LockError::LimitMismatch { .. } => (StatusCode::CONFLICT, "limit_mismatch"),
             LockError::TooManyWaiters { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_waiters"),
             LockError::TooManyLocks { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_locks"),
+            LockError::TooManyHolds { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_holds"),
+            LockError::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            LockError::NoDescriptors { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_files"),
             LockError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             LockError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             LockError::Backend(_) => (StatusCode::SERVICE_UNAVAILABLE, "backend"),

@@ -16,7 +16,9 @@ use super::error::{ApiError, ErrorBody, LockPath, Query};
 use super::model::{self, Grant, HoldBody, HoldLine, HoldQuery, WaitValue};
 use super::{App, denied, peer};
 use crate::locks::name::printable;
-use crate::locks::{AcquireRequest, Kind, LockError, LockTable, Mode, Notice, Ticket};
+use crate::locks::{
+    AcquireRequest, Kind, LockError, MAX_OWNER_BYTES, MAX_WAIT, Mode, Notice, Ticket,
+};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -26,11 +28,6 @@ use std::convert::Infallible;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The same bounds as the gRPC side, so one request cannot make the table
-/// hold megabytes of metadata.
-const MAX_OWNER_BYTES: usize = 256;
-const MAX_LABELS: usize = 16;
-const MAX_LABEL_BYTES: usize = 256;
 /// Largest JSON body accepted.
 const MAX_BODY_BYTES: usize = 16 * 1024;
 
@@ -68,33 +65,14 @@ pub async fn hold(
     let Some(name) = rest.strip_suffix("/hold") else {
         return Err(ApiError::not_found("POST takes /v1/locks/{name}/hold"));
     };
-    if let Some(scope) = app.access(&headers)?.filter(|s| !s.allows(name)) {
+    let scope = app.access(&headers)?;
+    if let Some(scope) = scope.as_ref().filter(|s| !s.allows(name)) {
         // The name is checked by the table below; a bad one is still 403
         // here, as it is outside the token's names either way.
-        return Err(denied(&scope, name));
+        return Err(denied(scope, name));
     }
     let body = parse_body(&body)?;
     let params = Params::merge(query, body)?;
-    let owner = match params.owner {
-        Some(owner) if owner.len() > MAX_OWNER_BYTES => {
-            return Err(ApiError::bad_request(format!(
-                "owner is {} bytes long; the limit is {MAX_OWNER_BYTES}",
-                owner.len()
-            )));
-        }
-        Some(owner) => owner,
-        None => default_owner(&headers),
-    };
-    let labels = params.labels.unwrap_or_default();
-    if labels.len() > MAX_LABELS
-        || labels
-            .iter()
-            .any(|(k, v)| k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
-    {
-        return Err(ApiError::bad_request(format!(
-            "at most {MAX_LABELS} labels, each key and value at most {MAX_LABEL_BYTES} bytes"
-        )));
-    }
     let wait = params.wait.map(parse_wait).transpose()?;
     let kind = params.kind.map_or(Kind::File, Kind::from);
     let request = AcquireRequest {
@@ -102,13 +80,13 @@ pub async fn hold(
         kind,
         mode: params.mode.map_or(Mode::Exclusive, Mode::from),
         limit: params.limit.unwrap_or(0),
-        owner,
+        owner: params.owner.unwrap_or_else(|| default_owner(&headers)),
         peer: peer(conn),
-        labels,
-        try_only: wait == Some(Duration::ZERO),
+        labels: params.labels.unwrap_or_default(),
+        wait,
+        quota: scope.and_then(|s| s.quota),
     };
     let mut ticket = app.table.acquire(request)?;
-    let deadline = wait.map(|w| Instant::now() + w);
     let mut first = None;
     if wait == Some(Duration::ZERO) {
         // A try-lock answers with a status: granted (200) or not (409).
@@ -126,11 +104,10 @@ pub async fn hold(
     }
     tracing::debug!(name = %printable(name), id = ticket.id(), "hold over HTTP");
     let held = Holding {
-        table: app.table.clone(),
         name: name.to_string(),
         kind,
         wait: wait.unwrap_or_default(),
-        deadline,
+        deadline: ticket.deadline(),
         first,
         ticket: Some(ticket),
         granted: false,
@@ -155,7 +132,6 @@ pub async fn hold(
 
 /// The lock between the first line and the last.
 struct Holding {
-    table: LockTable,
     name: String,
     kind: Kind,
     wait: Duration,
@@ -225,16 +201,14 @@ impl Holding {
 
     /// The wait is over: leave the queue and say why.
     fn time_out(&mut self) -> HoldLine {
-        self.ticket = None;
-        let holders = self
-            .table
-            .get(self.kind, &self.name)
-            .map_or(0, |l| l.holders.len());
-        error_line(LockError::NotAcquired {
-            name: printable(&self.name),
-            holders,
-            waited: self.wait,
-        })
+        match self.ticket.take() {
+            Some(ticket) => error_line(ticket.time_out(self.wait)),
+            None => error_line(LockError::NotAcquired {
+                name: printable(&self.name),
+                holders: 0,
+                waited: self.wait,
+            }),
+        }
     }
 }
 
@@ -288,25 +262,39 @@ fn parse_body(body: &[u8]) -> Result<HoldBody, ApiError> {
         .map_err(|err| ApiError::bad_request(format!("bad JSON body: {err}")))
 }
 
+/// A wait in seconds (a JSON number) or as a duration text, at most
+/// [`MAX_WAIT`]; the same rules as the query form.
 fn parse_wait(wait: WaitValue) -> Result<Duration, ApiError> {
     let bad = |why: String| ApiError::bad_request(format!("bad wait: {why}"));
-    match wait {
+    let wait = match wait {
         WaitValue::Seconds(secs) => {
-            Duration::try_from_secs_f64(secs).map_err(|e| bad(e.to_string()))
+            Duration::try_from_secs_f64(secs).map_err(|e| bad(format!("{secs}: {e}")))?
         }
-        WaitValue::Text(text) => crate::config::parse_duration(&text).map_err(bad),
+        WaitValue::Text(text) => crate::config::parse_duration(&text).map_err(bad)?,
+    };
+    if wait > MAX_WAIT {
+        return Err(bad(format!(
+            "{wait:?} is longer than the longest allowed ({} days); leave it out to wait as \
+             long as it takes",
+            MAX_WAIT.as_secs() / 86_400
+        )));
     }
+    Ok(wait)
 }
 
-/// The client's User-Agent, bounded, for the dashboard to show who holds.
+/// The client's User-Agent, bounded and printable, for the dashboard to
+/// show who holds.
 fn default_owner(headers: &HeaderMap) -> String {
     let agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("http");
-    let mut end = agent.len().min(MAX_OWNER_BYTES);
-    while !agent.is_char_boundary(end) {
-        end -= 1;
+    let mut owner = String::new();
+    for c in agent.chars().filter(|c| !c.is_control()) {
+        if owner.len() + c.len_utf8() > MAX_OWNER_BYTES {
+            break;
+        }
+        owner.push(c);
     }
-    agent[..end].to_string()
+    owner
 }

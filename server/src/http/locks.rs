@@ -6,10 +6,11 @@
 //! A lock named `a/hold` is still shown by `GET /v1/locks/a/hold`.
 
 use super::error::{ApiError, ErrorBody, LockPath, Query};
-use super::model::{HolderRef, KindQuery, ListQuery, Lock, LockList, Revoked, unix_ms};
+use super::model::{HolderRef, KindQuery, ListQuery, Lock, LockList, Revoked, ShowQuery, unix_ms};
 use super::{App, denied, peer};
+use crate::grpc::{cursor_after, parse_cursor};
 use crate::locks::name::{self, printable};
-use crate::locks::{Kind, LostReason};
+use crate::locks::{Detail, Kind, LostReason};
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -52,46 +53,36 @@ pub async fn list_locks(
             name::MAX_NAME_BYTES
         )));
     }
-    let after = q.cursor.as_deref().map(parse_cursor).transpose()?;
-    let mut views = app.table.list(q.kind.map(Kind::from), &prefix);
-    if let Some(scope) = &scope {
-        views.retain(|v| scope.allows(&v.name));
-    }
-    let start = match &after {
-        Some((kind, name)) => views.partition_point(|v| (v.name.as_str(), v.kind) <= (name, *kind)),
-        None => 0,
+    let after = match q.cursor.as_deref() {
+        Some(cursor) => Some(parse_cursor(cursor).ok_or_else(|| {
+            ApiError::bad_request("bad cursor: pass the next_cursor of the previous page")
+        })?),
+        None => None,
     };
-    let rest = views.len() - start;
-    let page: Vec<Lock> = views
-        .into_iter()
-        .skip(start)
-        .take(limit as usize)
-        .map(Lock::from)
-        .collect();
-    let next_cursor = match page.last() {
-        Some(last) if rest > page.len() => {
-            Some(format!("{}:{}", Kind::from(last.kind).as_str(), last.name))
-        }
+    // A client token limited to a prefix sees only the locks under it.
+    let prefix = match &scope {
+        Some(scope) => scope.narrow(&prefix),
+        None => Some(prefix),
+    };
+    let page = match &prefix {
+        Some(prefix) => app.table.list(
+            q.kind.map(Kind::from),
+            prefix,
+            after.map(|(kind, name)| (name, kind)),
+            limit as usize,
+            &Detail::LIST,
+        ),
+        None => Default::default(),
+    };
+    let next_cursor = match page.locks.last() {
+        Some(last) if page.more => Some(cursor_after(last)),
         _ => None,
     };
     Ok(Json(LockList {
-        locks: page,
+        locks: page.locks.into_iter().map(Lock::from).collect(),
         next_cursor,
         now_unix_ms: unix_ms(SystemTime::now()),
     }))
-}
-
-/// A cursor is `<kind>:<name>` of the last lock of the previous page.
-fn parse_cursor(cursor: &str) -> Result<(Kind, &str), ApiError> {
-    let bad = || ApiError::bad_request("bad cursor: pass the next_cursor of the previous page");
-    let (kind, name) = cursor.split_once(':').ok_or_else(bad)?;
-    let kind = match kind {
-        "file" => Kind::File,
-        "semaphore" => Kind::Semaphore,
-        "redis" => Kind::Redis,
-        _ => return Err(bad()),
-    };
-    Ok((kind, name))
 }
 
 fn kind_of(q: &KindQuery) -> Kind {
@@ -99,7 +90,7 @@ fn kind_of(q: &KindQuery) -> Kind {
 }
 
 fn checked(name: &str) -> Result<&str, ApiError> {
-    Ok(name::validate(name)?)
+    Ok(name::validate(name, usize::MAX)?)
 }
 
 /// One lock. Names may contain `/` (`GET /v1/locks/reports/nightly`).
@@ -109,11 +100,11 @@ fn checked(name: &str) -> Result<&str, ApiError> {
     tag = "locks",
     params(
         ("name" = String, Path, description = "Lock name; may contain '/'"),
-        KindQuery,
+        ShowQuery,
     ),
     security((), ("client_token" = [])),
     responses(
-        (status = 200, description = "The lock", body = Lock),
+        (status = 200, description = "The lock, with its first holders and a page of its waiters", body = Lock),
         (status = 400, description = "Bad name or kind", body = ErrorBody),
         (status = 401, description = "Client tokens are required and none or an unknown one was sent", body = ErrorBody),
         (status = 403, description = "The client token may not use this name", body = ErrorBody),
@@ -123,16 +114,23 @@ fn checked(name: &str) -> Result<&str, ApiError> {
 pub async fn get_lock(
     State(app): State<App>,
     LockPath(name): LockPath,
-    Query(q): Query<KindQuery>,
+    Query(q): Query<ShowQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Lock>, ApiError> {
     let scope = app.access(&headers)?;
-    let kind = kind_of(&q);
+    let kind = q.kind.map_or(Kind::File, Kind::from);
     let name = checked(&name)?;
     if let Some(scope) = scope.filter(|s| !s.allows(name)) {
         return Err(denied(&scope, name));
     }
-    match app.table.get(kind, name) {
+    let waiter_limit = q.waiter_limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&waiter_limit) {
+        return Err(ApiError::bad_request(format!(
+            "waiter_limit {waiter_limit} is out of range: 1 to {MAX_PAGE}"
+        )));
+    }
+    let detail = Detail::show(q.waiter_offset.unwrap_or(0) as usize, waiter_limit as usize);
+    match app.table.get(kind, name, &detail) {
         Some(view) => Ok(Json(view.into())),
         None => Err(ApiError::not_found(format!(
             "no {} lock named '{}' is held or waited for",

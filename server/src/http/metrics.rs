@@ -306,7 +306,7 @@ impl Metrics {
             &self.hold_seconds,
         );
 
-        let totals = table.totals();
+        let totals = table.totals("");
         let draining = table.is_draining() as u8;
         let lagged = self.sse_lagged.load(Relaxed);
         let client_failures = self.client_auth_failures.load(Relaxed);

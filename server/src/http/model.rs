@@ -93,9 +93,14 @@ pub struct Lock {
     pub mode: Option<Mode>,
     /// A semaphore's slot count; 0 for other kinds.
     pub limit: u32,
+    /// The first holders, in grant order (at most 16 in a list, 1000 in a show).
     pub holders: Vec<Holder>,
-    /// In queue order.
+    /// Waiters in queue order (at most 16 in a list; a page in a show).
     pub waiters: Vec<Waiter>,
+    /// How many holders the lock has in all.
+    pub holders_total: usize,
+    /// How many waiters the lock has in all.
+    pub waiters_total: usize,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -345,6 +350,8 @@ impl From<LockView> for Lock {
             limit: v.limit,
             holders: v.holders.into_iter().map(Holder::from).collect(),
             waiters: v.waiters.into_iter().map(Waiter::from).collect(),
+            holders_total: v.holders_total,
+            waiters_total: v.waiters_total,
         }
     }
 }
@@ -358,7 +365,9 @@ pub struct ListQuery {
     pub kind: Option<Kind>,
     /// Only locks whose name starts with this.
     pub prefix: Option<String>,
-    /// Page size, 1 to 1000 (default 100).
+    /// Page size, 1 to 1000 (default 100). A page also ends early when its
+    /// size nears 1 MiB, and shows at most 16 holders and 16 waiters per
+    /// lock (`holders_total`, `waiters_total` say how many there are).
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -370,6 +379,19 @@ pub struct ListQuery {
 #[into_params(parameter_in = Query)]
 pub struct KindQuery {
     pub kind: Option<Kind>,
+}
+
+/// `GET /v1/locks/{name}` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ShowQuery {
+    /// Default `file`.
+    pub kind: Option<Kind>,
+    /// Waiters to skip from the head of the queue (default 0).
+    pub waiter_offset: Option<u32>,
+    /// Most waiters shown, 1 to 1000 (default 100).
+    pub waiter_limit: Option<u32>,
 }
 
 /// `GET /v1/events` filters.

@@ -7,13 +7,14 @@
 //! independent and closing one releases exactly that holder. Files are never
 //! deleted: deleting a lock file that someone else has open breaks flock.
 
-use super::fs::{Root, is_escape};
+use super::fs::{OpenError, Root};
 use super::{Attempt, Held, Kind, Request};
+use crate::fds::{Descriptors, FdToken};
 use crate::locks::{LockError, Mode};
 use rustix::fs::{FlockOperation, OFlags, flock};
 use rustix::io::Errno;
-use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 /// Flags portalocker (Python `open(path, 'a')`) uses for lock files.
 pub const LOCK_FILE_FLAGS: OFlags = OFlags::WRONLY.union(OFlags::APPEND);
@@ -21,12 +22,13 @@ pub const LOCK_FILE_FLAGS: OFlags = OFlags::WRONLY.union(OFlags::APPEND);
 pub const LOCK_FILE_MODE: rustix::fs::Mode = rustix::fs::Mode::from_raw_mode(0o666);
 
 pub struct FileKind {
-    root: std::sync::Arc<Root>,
+    root: Arc<Root>,
+    fds: Arc<Descriptors>,
 }
 
 impl FileKind {
-    pub fn new(root: std::sync::Arc<Root>) -> FileKind {
-        FileKind { root }
+    pub fn new(root: Arc<Root>, fds: Arc<Descriptors>) -> FileKind {
+        FileKind { root, fds }
     }
 }
 
@@ -36,21 +38,39 @@ impl Kind for FileKind {
             Mode::Exclusive => FlockOperation::NonBlockingLockExclusive,
             Mode::Shared => FlockOperation::NonBlockingLockShared,
         };
-        Ok(match try_flock(&self.root, req.name, op)? {
-            Some(fd) => Attempt::Taken(Held::new(None, fd)),
+        Ok(match try_flock(&self.root, &self.fds, req.name, op)? {
+            Some(file) => Attempt::Taken(Held::new(None, file)),
             None => Attempt::Busy,
         })
     }
 }
 
-/// Opens `rel` beneath `root` as a lock file and tries `op` on it.
-/// `Ok(None)` means another open file description holds a conflicting lock.
-pub fn try_flock(root: &Root, rel: &str, op: FlockOperation) -> Result<Option<OwnedFd>, LockError> {
-    let fd = root
-        .open_file(rel, LOCK_FILE_FLAGS, LOCK_FILE_MODE)
-        .map_err(|e| open_error(rel, e))?;
+/// An open, flocked lock file, counted against the descriptor budget.
+pub struct LockFile {
+    _fd: OwnedFd,
+    _counted: FdToken,
+}
+
+/// Opens `rel` beneath `root` as a lock file and tries `op` on it, without
+/// blocking. `Ok(None)` means another open file description holds a
+/// conflicting lock (or a lease on the file is being broken).
+pub fn try_flock(
+    root: &Root,
+    fds: &Arc<Descriptors>,
+    rel: &str,
+    op: FlockOperation,
+) -> Result<Option<LockFile>, LockError> {
+    let counted = fds.take()?;
+    let fd = match root.open_file(rel, LOCK_FILE_FLAGS, LOCK_FILE_MODE) {
+        Ok(fd) => fd,
+        Err(OpenError::Leased) => return Ok(None),
+        Err(err) => return Err(open_error(rel, err, fds)),
+    };
     match flock(&fd, op) {
-        Ok(()) => Ok(Some(fd)),
+        Ok(()) => Ok(Some(LockFile {
+            _fd: fd,
+            _counted: counted,
+        })),
         Err(Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(LockError::Backend(format!(
             "flock on '{}' failed: {e}",
@@ -60,25 +80,25 @@ pub fn try_flock(root: &Root, rel: &str, op: FlockOperation) -> Result<Option<Ow
 }
 
 /// Maps an error from opening a lock file to what the client is told.
-fn open_error(rel: &str, err: io::Error) -> LockError {
+fn open_error(rel: &str, err: OpenError, fds: &Descriptors) -> LockError {
     let name = crate::locks::name::printable(rel);
-    if is_escape(&err) {
-        return LockError::InvalidName {
-            name,
-            why: "it resolves outside the lock directory (through a symlink)".into(),
-        };
-    }
-    match err.raw_os_error().map(Errno::from_raw_os_error) {
-        Some(Errno::ISDIR) | Some(Errno::NOTDIR) => LockError::InvalidName {
-            name,
-            why: format!(
-                "it clashes with an existing directory or file in the lock directory ({err})"
-            ),
+    match err {
+        OpenError::Symlink | OpenError::NotRegular(_) | OpenError::Clash(_) => {
+            LockError::InvalidName {
+                name,
+                why: err.to_string(),
+            }
+        }
+        OpenError::NoDescriptors(_) => LockError::NoDescriptors {
+            budget: fds.budget,
+            limit: fds.limit,
         },
-        Some(Errno::NAMETOOLONG) => LockError::InvalidName {
-            name,
-            why: "a path component is too long for the file system".into(),
-        },
-        _ => LockError::Backend(format!("cannot open lock file '{name}': {err}")),
+        OpenError::Io(e) if e.raw_os_error() == Some(Errno::NAMETOOLONG.raw_os_error()) => {
+            LockError::InvalidName {
+                name,
+                why: "a path component is too long for the file system".into(),
+            }
+        }
+        other => LockError::Backend(format!("cannot open lock file '{name}': {other}")),
     }
 }

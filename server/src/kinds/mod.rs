@@ -27,8 +27,15 @@ pub struct Held {
     /// table's lock at grant time, so a lock lost between being taken and
     /// being granted is never handed out.
     alive: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Proves, with a round trip, that the lock still holds on the backend
+    /// (see [`Held::confirm`]).
+    confirm: Option<Box<dyn Fn() -> Confirmation + Send + Sync>>,
     _resource: Box<dyn Send + Sync>,
 }
+
+/// Resolves to `Ok` when the lock was still held when it ran, or to why it
+/// is not.
+pub type Confirmation = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 impl Held {
     pub fn new(slot: Option<u32>, resource: impl Send + Sync + 'static) -> Held {
@@ -36,6 +43,7 @@ impl Held {
             slot,
             fence: None,
             alive: None,
+            confirm: None,
             _resource: Box::new(resource),
         }
     }
@@ -50,8 +58,25 @@ impl Held {
         self
     }
 
+    pub fn with_confirmation(
+        mut self,
+        confirm: impl Fn() -> Confirmation + Send + Sync + 'static,
+    ) -> Held {
+        self.confirm = Some(Box::new(confirm));
+        self
+    }
+
     pub fn is_alive(&self) -> bool {
         self.alive.as_ref().is_none_or(|alive| alive())
+    }
+
+    /// Asks the backend whether the lock still holds, for a release: a
+    /// holder whose lock was taken from it while padlockd could not notice
+    /// (paused, partitioned) must be told it was lost, not that it
+    /// released. `None`: this kind cannot lose a lock without padlockd
+    /// knowing (a flock lives as long as its descriptor).
+    pub fn confirm(&self) -> Option<Confirmation> {
+        self.confirm.as_ref().map(|confirm| confirm())
     }
 }
 
@@ -105,6 +130,12 @@ pub trait Kind: Send + Sync {
 
     /// Refuses new requests while the backend is known to be down.
     fn check_available(&self) -> Result<(), LockError> {
+        Ok(())
+    }
+
+    /// Refuses names this kind cannot lock (beyond the rules every name
+    /// follows), before the request joins a queue.
+    fn check_name(&self, _name: &str) -> Result<(), LockError> {
         Ok(())
     }
 }

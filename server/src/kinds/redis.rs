@@ -35,7 +35,8 @@
 //! never re-established: a resurrected subscription would be a silent
 //! re-acquisition.
 
-use super::{Attempt, Contention, Held, Kind, OnLost, Request};
+use super::{Attempt, Confirmation, Contention, Held, Kind, OnLost, Request};
+use crate::fds::{Descriptors, FdToken};
 use crate::locks::{LockError, Mode};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
@@ -143,6 +144,9 @@ struct Inner {
     pool: Mutex<Vec<tokio::net::TcpStream>>,
     refilling: AtomicBool,
     me: std::sync::Weak<Inner>,
+    /// Each held lock is a connection: counted against the descriptors
+    /// locks may use.
+    fds: Arc<Descriptors>,
 }
 
 /// Idle connections kept ready for new subscriptions.
@@ -156,7 +160,11 @@ impl RedisKind {
     /// Connects to Redis at `url` and starts the health monitor. Redis
     /// being down is not an error here: the kind refuses acquires until it
     /// answers.
-    pub async fn connect(url: &str, config: RedisConfig) -> Result<RedisKind, String> {
+    pub async fn connect(
+        url: &str,
+        config: RedisConfig,
+        fds: Arc<Descriptors>,
+    ) -> Result<RedisKind, String> {
         let client =
             redis::Client::open(url).map_err(|e| format!("invalid --redis-url '{url}': {e}"))?;
         if !matches!(
@@ -186,6 +194,7 @@ impl RedisKind {
             pool: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             me: me.clone(),
+            fds,
         });
         inner.check_health().await;
         tokio::spawn(monitor(Arc::downgrade(&inner)));
@@ -201,6 +210,7 @@ impl RedisKind {
 impl Kind for RedisKind {
     fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
         let contender = Contender {
+            counted: Some(self.inner.fds.take()?),
             inner: self.inner.clone(),
             name: req.name.to_string(),
             mode: req.mode,
@@ -220,6 +230,27 @@ impl Kind for RedisKind {
             Err(self.inner.unavailable())
         }
     }
+
+    fn check_name(&self, name: &str) -> Result<(), LockError> {
+        check_name(name)
+    }
+}
+
+/// Redis names each holder's connection `<name>-lock-<holder id>` (with
+/// `CLIENT SETNAME`, as portalocker does), and refuses connection names
+/// with anything but printable ASCII: no spaces, no other characters.
+/// portalocker's `RedisLock` fails on such names too, so they are refused
+/// before they can queue.
+pub fn check_name(name: &str) -> Result<(), LockError> {
+    if name.bytes().all(|b| (b'!'..=b'~').contains(&b)) {
+        return Ok(());
+    }
+    Err(LockError::InvalidName {
+        name: crate::locks::name::printable(name),
+        why: "redis lock names are printable ASCII without spaces: Redis refuses other \
+              characters in the connection name each holder gets (<name>-lock-<id>)"
+            .into(),
+    })
 }
 
 /// Pings Redis forever; on failure tells every holder it lost its lock.
@@ -679,6 +710,8 @@ struct Participant {
     on_lost: Mutex<Option<OnLost>>,
     /// The reader task; aborting it closes the connection.
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Sends on the subscription connection itself (confirmation pings).
+    sink: PubSubSink,
 }
 
 impl Participant {
@@ -712,18 +745,60 @@ impl Participant {
     }
 
     fn close(&self) {
+        self.dead.store(true, Ordering::Release);
         if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
     }
+
+    /// Proves the subscription is still alive: a PING on its own
+    /// connection, answered by Redis within `limit`. A connection Redis
+    /// closed (reaped by another instance while this one was paused) fails.
+    fn confirm(self: &Arc<Self>, limit: Duration) -> Confirmation {
+        let participant = self.clone();
+        Box::pin(async move {
+            let closed = || "the redis connection holding the lock was closed".to_string();
+            if participant.dead.load(Ordering::Acquire) {
+                return Err(closed());
+            }
+            let mut sink = participant.sink.clone();
+            match timeout(limit, sink.ping::<redis::Value>()).await {
+                Ok(Ok(_)) if !participant.dead.load(Ordering::Acquire) => Ok(()),
+                Ok(Ok(_)) | Ok(Err(_)) => Err(closed()),
+                Err(_) => Err(format!(
+                    "Redis did not confirm within {limit:?} that the lock was still held"
+                )),
+            }
+        })
+    }
 }
 
-/// Answers every ping on the lock channel until the connection ends.
+/// The one owner of a participant's subscription: dropping it closes the
+/// subscription and its connection, on every path (released, failed,
+/// cancelled, demoted), so no subscription outlives its waiter.
+struct Membership(Arc<Participant>);
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl std::ops::Deref for Membership {
+    type Target = Arc<Participant>;
+
+    fn deref(&self) -> &Arc<Participant> {
+        &self.0
+    }
+}
+
+/// Answers every ping on the lock channel until the connection ends (or
+/// the task is aborted, which closes the connection).
 async fn answer_pings(
     inner: Arc<Inner>,
     participant: Arc<Participant>,
-    _sink: PubSubSink,
     mut messages: PubSubStream,
+    _counted: Option<FdToken>,
 ) {
     while let Some(msg) = messages.next().await {
         let response_channel = serde_json::from_slice::<serde_json::Value>(msg.get_payload_bytes())
@@ -750,7 +825,7 @@ async fn answer_pings(
 struct HeldSubscription {
     inner: Arc<Inner>,
     key: u64,
-    participant: Arc<Participant>,
+    membership: Membership,
     name: String,
 }
 
@@ -762,13 +837,14 @@ impl Drop for HeldSubscription {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.key);
         // A release, not a loss: nobody is told.
-        self.participant
+        self.membership
             .on_lost
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        self.participant.close();
-        if !self.participant.dead.load(Ordering::Acquire) {
+        let was_alive = !self.membership.dead.load(Ordering::Acquire);
+        self.membership.close();
+        if was_alive {
             let mut commands = self.inner.commands();
             let channel = release_channel(&self.name);
             tokio::spawn(async move {
@@ -789,6 +865,11 @@ fn release_channel(name: &str) -> String {
     format!("{name}-padlock-released")
 }
 
+/// Waits between failed attempts (Redis refusing or not answering) double
+/// from the retry interval up to this, so a failing backend costs a
+/// waiter at most a few connection attempts per second, then fewer.
+const ERROR_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
 /// One padlock waiter contending for a Redis lock, following
 /// portalocker's `RedisLock.acquire` step by step.
 struct Contender {
@@ -797,17 +878,20 @@ struct Contender {
     mode: Mode,
     try_once: bool,
     holder_id: String,
-    participant: Option<Arc<Participant>>,
+    participant: Option<Membership>,
     /// Won the writers' election (portalocker's `writer_elected`).
     elected: bool,
+    /// The descriptor this waiter's subscription (then lock) counts as.
+    counted: Option<FdToken>,
 }
 
 impl Contender {
     async fn run(mut self, on_lost: OnLost) -> Result<Held, LockError> {
         // Wakes this waiter when a padlockd elsewhere releases the lock.
         let mut wakeups = None;
-        let mut logged = false;
+        let mut failures: u32 = 0;
         loop {
+            let mut wait = self.inner.config.retry_interval;
             match self.attempt().await {
                 Ok(Some(fence)) => {
                     // Redis just answered a whole acquisition: it is up.
@@ -821,21 +905,25 @@ impl Contender {
                         waited: Duration::ZERO,
                     });
                 }
-                Ok(None) => {}
+                Ok(None) => failures = 0,
                 Err(e) => {
+                    // Dropping the membership closes its subscription.
                     self.participant = None;
                     self.elected = false;
                     if self.try_once {
                         return Err(LockError::Unavailable(format!("redis: {e}")));
                     }
-                    if !logged {
+                    if failures == 0 {
                         tracing::warn!(name = %self.name, error = %e, "redis lock attempt failed; retrying");
-                        logged = true;
                     }
+                    failures = failures.saturating_add(1);
+                    wait = wait
+                        .saturating_mul(1 << failures.min(8))
+                        .min(ERROR_BACKOFF_CAP);
                     wakeups = None;
                 }
             }
-            if wakeups.is_none() {
+            if wakeups.is_none() && failures == 0 {
                 wakeups = self
                     .inner
                     .subscribe(None, &[&release_channel(&self.name)])
@@ -845,7 +933,7 @@ impl Contender {
             let jitter = 0.5
                 + f64::from(hex_id().map_or(0, |h| u8::from_str_radix(&h[..2], 16).unwrap_or(0)))
                     / 255.0;
-            let poll = self.inner.config.retry_interval.mul_f64(jitter);
+            let poll = wait.mul_f64(jitter);
             match wakeups.as_mut() {
                 Some((_, released)) => {
                     let _ = timeout(poll, released.next()).await;
@@ -857,33 +945,33 @@ impl Contender {
 
     /// The subscription becomes the held lock.
     fn hold(mut self, fence: u64, on_lost: OnLost) -> Held {
-        let participant = self
+        let membership = self
             .participant
             .take()
             .expect("a granted attempt is subscribed");
-        *participant
-            .on_lost
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(on_lost);
+        *membership.on_lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_lost);
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
         self.inner
             .held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, participant.clone());
+            .insert(key, Arc::clone(&membership));
         // `dead` is set before `on_lost` runs, and the table checks
         // liveness under its lock when it grants: a subscription that dies
         // before the grant is never granted, one that dies after is revoked.
-        let alive = participant.clone();
+        let alive = Arc::clone(&membership);
+        let confirming = Arc::clone(&membership);
+        let limit = self.inner.config.health_timeout;
         let held = HeldSubscription {
             inner: self.inner.clone(),
             key,
-            participant,
+            membership,
             name: self.name.clone(),
         };
-        Held::new(None, held)
+        Held::new(None, (held, self.counted.take()))
             .with_fence(fence)
             .with_liveness(move || !alive.dead.load(Ordering::Acquire))
+            .with_confirmation(move || confirming.confirm(limit))
     }
 
     fn exclusive(&self) -> bool {
@@ -912,24 +1000,24 @@ impl Contender {
             dead: AtomicBool::new(false),
             on_lost: Mutex::new(None),
             task: Mutex::new(None),
+            sink,
         });
         let task = tokio::spawn(answer_pings(
             self.inner.clone(),
             participant.clone(),
-            sink,
             messages,
+            None,
         ));
         *participant.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-        self.participant = Some(participant);
+        self.participant = Some(Membership(participant));
         self.elected = false;
         Ok(())
     }
 
     /// Unsubscribes to retry later (portalocker's `_unsubscribe`).
     fn leave(&mut self) {
-        if let Some(p) = self.participant.take() {
-            p.close();
-        }
+        // Dropping the membership closes the subscription.
+        self.participant = None;
         self.elected = false;
     }
 
@@ -1121,13 +1209,6 @@ impl Contender {
             verdict = Verdict::Retry;
         }
         verdict
-    }
-}
-
-impl Drop for Contender {
-    fn drop(&mut self) {
-        // Cancelled or done: a subscription not handed to a holder closes.
-        self.leave();
     }
 }
 

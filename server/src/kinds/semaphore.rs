@@ -9,17 +9,19 @@
 use super::file::try_flock;
 use super::fs::Root;
 use super::{Attempt, Held, Kind, Request};
+use crate::fds::Descriptors;
 use crate::locks::LockError;
 use rustix::fs::FlockOperation;
 use std::sync::Arc;
 
 pub struct SemaphoreKind {
     root: Arc<Root>,
+    fds: Arc<Descriptors>,
 }
 
 impl SemaphoreKind {
-    pub fn new(root: Arc<Root>) -> SemaphoreKind {
-        SemaphoreKind { root }
+    pub fn new(root: Arc<Root>, fds: Arc<Descriptors>) -> SemaphoreKind {
+        SemaphoreKind { root, fds }
     }
 }
 
@@ -32,10 +34,9 @@ impl Kind for SemaphoreKind {
     fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
         for slot in (0..req.limit).filter(|s| !req.own_slots.contains(s)) {
             let file = slot_file(req.name, slot);
-            if let Some(fd) =
-                try_flock(&self.root, &file, FlockOperation::NonBlockingLockExclusive)?
-            {
-                return Ok(Attempt::Taken(Held::new(Some(slot), fd)));
+            let op = FlockOperation::NonBlockingLockExclusive;
+            if let Some(file) = try_flock(&self.root, &self.fds, &file, op)? {
+                return Ok(Attempt::Taken(Held::new(Some(slot), file)));
             }
         }
         Ok(Attempt::Busy)
@@ -57,7 +58,8 @@ mod tests {
     #[test]
     fn takes_lowest_free_slot_and_reports_busy() {
         let dir = tempfile::tempdir().unwrap();
-        let kind = SemaphoreKind::new(Arc::new(Root::open(dir.path()).unwrap()));
+        let root = Arc::new(Root::open(dir.path()).unwrap());
+        let kind = SemaphoreKind::new(root, Descriptors::unlimited());
         let take = |own: &[u32]| {
             let req = Request {
                 name: "s",

@@ -1,48 +1,86 @@
 //! Fencing tokens that never go backwards.
 //!
-//! Each (kind, name) has a counter file under `<state-dir>/fences/<kind>/`
-//! holding the last fence in decimal (see [`counter_path`] for its name). A grant takes an exclusive flock on
-//! that file, reads it, writes the next value and unlocks, so two padlockd
-//! processes sharing one lock directory draw from one sequence.
+//! Each (kind, name) has a counter file under `<lock-dir>/.padlock/fences/<kind>/`
+//! holding the last fence in decimal (see [`counter_path`] for its name). A
+//! grant takes an exclusive flock on that file, reads it, writes the next
+//! value and unlocks, so two padlockd processes sharing one lock directory
+//! draw from one sequence.
+//!
+//! Drawing a fence never waits: the counter's flock is tried without
+//! blocking, a few times (another padlockd holds it for microseconds), and
+//! then the draw reports [`FenceError::Busy`] so the caller retries later.
+//! A process that keeps a counter locked delays only that name. `.padlock/`
+//! is 0700 and its files 0600, so only padlockd's own user can open them.
 //!
 //! Writing without `fsync` keeps a grant at a few microseconds; the page
 //! cache survives a crash of padlockd, but not of the machine. For that,
-//! every start bumps a **generation** in `<state-dir>/generation` and fsyncs
+//! every start bumps a **generation** in `.padlock/generation` and fsyncs
 //! it before serving, and a fence is never below `generation << 40`. After
 //! a power loss that rolled a counter file back, the new generation still
 //! puts every new fence above every fence handed out before.
 
-use crate::kinds::fs::Root;
+use crate::kinds::fs::{OpenError, Root};
 use rustix::fs::{FlockOperation, Mode, OFlags, flock};
-use std::io::{self, Read, Seek, Write};
+use rustix::io::Errno;
+use std::io;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Bits of a fence below the generation.
 pub const GENERATION_SHIFT: u32 = 40;
 
-/// The fence counters of one state directory.
+/// Mode of the files in `.padlock/`.
+const PRIVATE_FILE: Mode = Mode::from_raw_mode(0o600);
+
+/// Non-blocking tries on a counter's flock before giving up for now.
+const COUNTER_TRIES: u32 = 64;
+
+/// How long startup waits for the generation file's flock.
+const GENERATION_WAIT: Duration = Duration::from_secs(10);
+
+/// Why no fence could be drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// Another process keeps the counter locked: try again later.
+    #[error("the fence counter is locked by another process")]
+    Busy,
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// The fence counters of one lock directory.
 pub struct Fences {
     root: Root,
     generation: u64,
 }
 
 impl Fences {
-    /// Opens the state directory `dir` (creating it) and starts a new
-    /// generation, durably, before any fence is handed out.
-    pub fn open(dir: &Path) -> io::Result<Fences> {
-        let state = Root::open(dir)?;
-        let fd = state.open_file("generation", OFlags::RDWR, Mode::from_raw_mode(0o644))?;
-        let generation = update_locked(fd, |g| g + 1, true)?;
+    /// Opens the state directory (`state`, padlockd's `.padlock/`) and
+    /// starts a new generation, durably, before any fence is handed out.
+    pub fn open(state: &Root) -> io::Result<Fences> {
+        let fd = state.open_file("generation", OFlags::RDWR, PRIVATE_FILE)?;
+        let started = Instant::now();
+        let generation = loop {
+            match update_locked(&fd, |g| g + 1, true) {
+                Err(FenceError::Busy) if started.elapsed() < GENERATION_WAIT => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(FenceError::Busy) => {
+                    return Err(io::Error::other(
+                        "the generation file stays locked by another process",
+                    ));
+                }
+                Err(FenceError::Io(err)) => return Err(err),
+                Err(FenceError::Open(err)) => return Err(err.into()),
+                Ok(generation) => break generation,
+            }
+        };
         // Make the file's directory entry durable too.
-        let dirfd = rustix::fs::open(
-            dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        rustix::fs::fsync(&dirfd)?;
+        rustix::fs::fsync(state.fd())?;
         Ok(Fences {
-            root: state.subdir("fences")?,
+            root: state.private_subdir("fences")?,
             generation,
         })
     }
@@ -53,15 +91,16 @@ impl Fences {
     }
 
     /// The next fence for `kind`/`name`: strictly above every fence handed
-    /// out for it before, by this or any other process on this state dir.
-    pub fn next(&self, kind: &str, name: &str) -> io::Result<u64> {
+    /// out for it before, by this or any other process on this directory.
+    /// Never blocks.
+    pub fn next(&self, kind: &str, name: &str) -> Result<u64, FenceError> {
         let fd = self.root.open_file(
             &format!("{kind}/{}", counter_path(name)),
             OFlags::RDWR,
-            Mode::from_raw_mode(0o644),
+            PRIVATE_FILE,
         )?;
         let floor = self.generation << GENERATION_SHIFT;
-        update_locked(fd, |last| last.saturating_add(1).max(floor), false)
+        update_locked(&fd, |last| last.saturating_add(1).max(floor), false)
     }
 }
 
@@ -74,13 +113,31 @@ pub fn counter_path(name: &str) -> String {
     path
 }
 
-/// Under an exclusive flock on `fd`, replaces the decimal number in the file
-/// (0 when empty) with `f(number)` and returns the new number.
-fn update_locked(fd: OwnedFd, f: impl FnOnce(u64) -> u64, sync: bool) -> io::Result<u64> {
-    flock(&fd, FlockOperation::LockExclusive)?;
-    let mut file = std::fs::File::from(fd);
-    let mut text = String::new();
-    file.read_to_string(&mut text)?;
+/// Under an exclusive flock on `fd` (tried without blocking), replaces the
+/// decimal number in the file (0 when empty) with `f(number)` and returns
+/// the new number. The flock ends when `fd` is closed.
+fn update_locked(fd: &OwnedFd, f: impl FnOnce(u64) -> u64, sync: bool) -> Result<u64, FenceError> {
+    let mut tries = 0;
+    loop {
+        match flock(fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => break,
+            Err(Errno::WOULDBLOCK) if tries < COUNTER_TRIES => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            Err(Errno::WOULDBLOCK) => return Err(FenceError::Busy),
+            Err(e) => return Err(FenceError::Io(e.into())),
+        }
+    }
+    // Owned counters are 0600; older versions made them 0644.
+    let stat = rustix::fs::fstat(fd).map_err(io::Error::from)?;
+    if stat.st_mode & 0o077 != 0 {
+        rustix::fs::fchmod(fd, PRIVATE_FILE).map_err(io::Error::from)?;
+    }
+    // A counter is at most 20 digits and a newline.
+    let mut buf = [0u8; 32];
+    let read = rustix::io::pread(fd, &mut buf, 0).map_err(io::Error::from)?;
+    let text = std::str::from_utf8(&buf[..read]).unwrap_or("?");
     let last = match text.trim() {
         "" => 0,
         t => t.parse::<u64>().map_err(|e| {
@@ -92,25 +149,33 @@ fn update_locked(fd: OwnedFd, f: impl FnOnce(u64) -> u64, sync: bool) -> io::Res
     };
     let next = f(last);
     let bytes = format!("{next}\n");
-    file.rewind()?;
-    file.write_all(bytes.as_bytes())?;
-    file.set_len(bytes.len() as u64)?;
-    if sync {
-        file.sync_all()?;
+    let written = rustix::io::pwrite(fd, bytes.as_bytes(), 0).map_err(io::Error::from)?;
+    if written != bytes.len() {
+        return Err(
+            io::Error::new(io::ErrorKind::WriteZero, "short write to a counter file").into(),
+        );
     }
-    // Closing the file releases the flock.
+    rustix::fs::ftruncate(fd, bytes.len() as u64).map_err(io::Error::from)?;
+    if sync {
+        rustix::fs::fsync(fd).map_err(io::Error::from)?;
+    }
     Ok(next)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn state(dir: &std::path::Path) -> Root {
+        Root::open(dir).unwrap().private_subdir(".padlock").unwrap()
+    }
 
     #[test]
     fn strictly_increasing_across_instances_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Fences::open(dir.path()).unwrap();
-        let b = Fences::open(dir.path()).unwrap();
+        let a = Fences::open(&state(dir.path())).unwrap();
+        let b = Fences::open(&state(dir.path())).unwrap();
         assert_eq!(b.generation(), a.generation() + 1);
         let mut last = 0;
         for fences in [&a, &b, &a, &a, &b] {
@@ -119,7 +184,7 @@ mod tests {
             last = f;
         }
         drop((a, b));
-        let c = Fences::open(dir.path()).unwrap();
+        let c = Fences::open(&state(dir.path())).unwrap();
         let f = c.next("file", "x/y").unwrap();
         assert!(f > last);
         // Counters are per kind and name.
@@ -133,7 +198,7 @@ mod tests {
     fn nested_names_do_not_collide() {
         assert_eq!(counter_path("a/b"), "a.d/b.fence");
         let dir = tempfile::tempdir().unwrap();
-        let f = Fences::open(dir.path()).unwrap();
+        let f = Fences::open(&state(dir.path())).unwrap();
         for name in ["a", "a/b", "a.d", "a.fence/x", "a.fence"] {
             f.next("semaphore", name).unwrap();
         }
@@ -142,11 +207,37 @@ mod tests {
     #[test]
     fn survives_a_rolled_back_counter() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Fences::open(dir.path()).unwrap();
+        let a = Fences::open(&state(dir.path())).unwrap();
         let before = a.next("file", "n").unwrap();
-        std::fs::write(dir.path().join("fences/file/n.fence"), "0\n").unwrap();
+        std::fs::write(dir.path().join(".padlock/fences/file/n.fence"), "0\n").unwrap();
         drop(a);
-        let b = Fences::open(dir.path()).unwrap();
+        let b = Fences::open(&state(dir.path())).unwrap();
         assert!(b.next("file", "n").unwrap() > before);
+    }
+
+    #[test]
+    fn a_locked_counter_is_busy_not_a_wait_and_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fences::open(&state(dir.path())).unwrap();
+        let first = f.next("file", "n").unwrap();
+        let path = dir.path().join(".padlock/fences/file/n.fence");
+        let held = std::fs::File::open(&path).unwrap();
+        flock(&held, FlockOperation::LockExclusive).unwrap();
+        assert!(matches!(f.next("file", "n"), Err(FenceError::Busy)));
+        // Other names are not affected.
+        f.next("file", "other").unwrap();
+        drop(held);
+        assert!(f.next("file", "n").unwrap() > first);
+        for p in [path.clone(), dir.path().join(".padlock/generation")] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", p.display());
+        }
+        for d in [".padlock", ".padlock/fences", ".padlock/fences/file"] {
+            let mode = std::fs::metadata(dir.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
     }
 }

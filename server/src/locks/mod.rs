@@ -1,6 +1,6 @@
 //! The lock table: the one source of truth about who holds and who waits.
 //!
-//! Per (kind, name) there is one [`Lock`]: its holders and a FIFO queue of
+//! Per (name, kind) there is one lock: its holders and a FIFO queue of
 //! waiters. The queue *is* the lock (as in etcd's mutex recipe): grants go
 //! strictly in arrival order, the head of the queue is the only waiter that
 //! may be granted, shared waiters at the head are granted together, and a
@@ -9,246 +9,50 @@
 //! A waiter is granted when the table's own holders admit it *and* its kind
 //! (flock, Redis) lets it in. When a holder of this server leaves, the next
 //! waiter is granted in the same call, with no polling. When the kind says
-//! someone outside this server holds the lock, one background task per lock
-//! retries with a short bounded backoff until it is free or the queue empties.
+//! someone outside this server holds the lock, a background task retries
+//! with a short bounded backoff until it is free or the queue empties.
 //!
-//! The state sits behind one `std::sync::Mutex`, never held across an
-//! `.await`. Transports (gRPC, HTTP) talk to the table through
-//! [`LockTable::acquire`] and the [`Ticket`] it returns: the ticket receives
-//! [`Notice`]s, and dropping it leaves the queue or releases the lock.
+//! **Nothing that touches the outside world runs under the table's mutex.**
+//! The state sits behind one `std::sync::Mutex`, held only for in-memory
+//! bookkeeping and never across an `.await`. Taking a lock in the outside
+//! world (opening and flocking files, drawing a fence, a Redis round trip)
+//! is an *attempt*: the head of a queue is marked as being attempted under
+//! the mutex, the attempt runs without it, and its outcome is committed
+//! under the mutex again. One attempt per lock runs at a time; locks of
+//! other names are never held up by it, nor are listing, health and
+//! shutdown. File attempts never block (see [`crate::kinds::fs`]); Redis
+//! attempts are network round trips and run as tasks.
+//!
+//! Transports (gRPC, HTTP) talk to the table through [`LockTable::acquire`]
+//! and the [`Ticket`] it returns: the ticket receives [`Notice`]s, and
+//! dropping it leaves the queue or releases the lock.
 
 pub mod fence;
 mod mailbox;
 pub mod name;
+mod types;
+mod view;
+
+pub use types::*;
+pub use view::{Detail, HolderView, LockView, Page, WaiterView};
 
 use crate::kinds::{Attempt, Contention, Held, Kind as KindImpl, Request};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-/// What is locked, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    File,
-    Semaphore,
-    Redis,
-}
+/// Backoff while an outside holder blocks the head of a queue: starts at
+/// 1 ms and doubles up to this cap, so an outside release is noticed within
+/// about this long.
+pub const RETRY_CAP: Duration = Duration::from_millis(20);
+const RETRY_FIRST: Duration = Duration::from_millis(1);
 
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::File => "file",
-            Kind::Semaphore => "semaphore",
-            Kind::Redis => "redis",
-        }
-    }
-}
+/// Locks are ordered by name, then kind, so that lists come in pages.
+type Key = (Arc<str>, Kind);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Exclusive,
-    Shared,
-}
-
-/// Why a holder lost its lock without asking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LostReason {
-    Shutdown,
-    Revoked,
-    Backend,
-}
-
-/// Errors of the lock table, mapped to gRPC and HTTP statuses once, in the
-/// transports.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum LockError {
-    #[error("invalid lock name '{name}': {why}")]
-    InvalidName { name: String, why: String },
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error(
-        "semaphore '{name}' has limit {current} while it has holders or waiters; \
-         this request asked for limit {requested}"
-    )]
-    LimitMismatch {
-        name: String,
-        current: u32,
-        requested: u32,
-    },
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("lock '{name}' already has {cap} waiters (the server's --max-waiters-per-lock)")]
-    TooManyWaiters { name: String, cap: usize },
-    #[error("the server already tracks {cap} locks (the server's --max-locks)")]
-    TooManyLocks { cap: usize },
-    #[error(
-        "lock '{name}' is held ({holders} holder(s) on this server, or a process outside it) and was not acquired within {waited:?}"
-    )]
-    NotAcquired {
-        name: String,
-        holders: usize,
-        waited: Duration,
-    },
-    #[error("the server is shutting down and grants no more locks")]
-    Draining,
-    #[error("lock backend failed: {0}")]
-    Backend(String),
-}
-
-/// Limits the table enforces.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_locks: usize,
-    pub max_waiters_per_lock: usize,
-    pub max_semaphore_limit: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_locks: 100_000,
-            max_waiters_per_lock: 10_000,
-            max_semaphore_limit: 1024,
-        }
-    }
-}
-
-/// A request to hold a lock, already decoded from the wire.
-#[derive(Debug, Clone)]
-pub struct AcquireRequest {
-    pub name: String,
-    pub kind: Kind,
-    pub mode: Mode,
-    /// Slot count for semaphores; ignored (must be 0) for other kinds.
-    pub limit: u32,
-    /// Free text naming the client.
-    pub owner: String,
-    /// The client's network address.
-    pub peer: String,
-    pub labels: BTreeMap<String, String>,
-    /// Try once: fail with [`LockError::NotAcquired`] instead of queueing.
-    pub try_only: bool,
-}
-
-/// What the table tells a ticket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    /// Still waiting, at this 1-based position.
-    Queued {
-        position: u32,
-        holders: u32,
-    },
-    Granted(Grant),
-    /// The lock ended without the holder asking.
-    Lost {
-        reason: LostReason,
-        detail: String,
-    },
-    /// The waiter was removed from the queue without a grant.
-    Failed(LockError),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub holder_id: u64,
-    pub fence: u64,
-    pub slot: Option<u32>,
-    pub mode: Mode,
-}
-
-/// Something that happened to a lock, for live inspection (SSE), metrics
-/// and logs. Sent on a broadcast channel: slow subscribers miss events
-/// (and are told so by the channel), the table never waits for them.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub at: SystemTime,
-    pub kind: Kind,
-    pub name: Arc<str>,
-    /// The holder or waiter the event is about.
-    pub id: u64,
-    pub what: EventKind,
-}
-
-#[derive(Debug, Clone)]
-pub enum EventKind {
-    /// A waiter joined the queue (it was not granted at once).
-    Queued {
-        position: u32,
-        mode: Mode,
-        owner: String,
-    },
-    /// A waiter became a holder after waiting `waited`.
-    Granted {
-        fence: u64,
-        slot: Option<u32>,
-        mode: Mode,
-        owner: String,
-        waited: Duration,
-    },
-    /// A holder released (or its client went away) after holding `held`.
-    Released { held: Duration },
-    /// A holder's lock ended without its asking.
-    Lost { reason: LostReason, held: Duration },
-    /// A waiter left the queue without a grant (cancelled, timed out,
-    /// disconnected, refused) after waiting `waited`.
-    Abandoned { waited: Duration },
-}
-
-/// Sees every [`Event`] as it happens, under the table's mutex: it must be
-/// quick and must not call back into the table. Metrics use it, because a
-/// broadcast subscriber can fall behind and miss events.
-pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
-
-/// Capacity of the event channel: how far a subscriber may fall behind.
-pub const EVENT_BACKLOG: usize = 4096;
-
-/// A read-only view of one lock, for inspection.
-#[derive(Debug, Clone)]
-pub struct LockView {
-    pub name: String,
-    pub kind: Kind,
-    pub mode: Option<Mode>,
-    pub limit: u32,
-    pub holders: Vec<HolderView>,
-    pub waiters: Vec<WaiterView>,
-}
-
-#[derive(Debug, Clone)]
-pub struct HolderView {
-    pub id: u64,
-    pub owner: String,
-    pub peer: String,
-    pub since: SystemTime,
-    pub fence: u64,
-    pub slot: Option<u32>,
-    pub mode: Mode,
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct WaiterView {
-    pub id: u64,
-    pub owner: String,
-    pub peer: String,
-    pub position: u32,
-    pub since: SystemTime,
-    pub mode: Mode,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// Counts, for server info and metrics.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Totals {
-    pub locks: usize,
-    pub holders: usize,
-    pub waiters: usize,
-}
-
-type Key = (Kind, Arc<str>);
-
-/// Who a holder or waiter is; kept for inspection.
+/// A waiter or holder: who it is, kept for inspection, and its mailbox.
 #[derive(Debug)]
-struct Client {
+struct Entry {
     id: u64,
     owner: String,
     peer: String,
@@ -262,47 +66,70 @@ struct Client {
 }
 
 struct Holder {
-    client: Client,
+    entry: Entry,
     fence: u64,
     /// The lock in the outside world; dropping it releases it.
     held: Held,
 }
 
-#[derive(Default)]
+/// The head of a queue whose acquisition runs outside the table's mutex.
+struct Attempting {
+    id: u64,
+    /// The task running a network acquisition (Redis); `None` while a
+    /// caller runs a file attempt itself.
+    task: Option<tokio::task::AbortHandle>,
+}
+
 struct Lock {
     /// Semaphore slot count (0 for other kinds).
     limit: u32,
     holders: Vec<Holder>,
-    waiters: VecDeque<Client>,
-    /// Id of the task retrying this lock because a holder outside this
-    /// server blocks the head of the queue (0: none).
+    waiters: VecDeque<Entry>,
+    attempt: Option<Attempting>,
+    /// Something changed while an attempt ran (a holder left): the attempt's
+    /// owner tries again at once instead of backing off.
+    repump: bool,
+    /// Id of the task that retries while a holder outside this server
+    /// blocks the head of the queue (0: none), and its next delay.
     retry_task: u64,
-    /// The waiter whose network acquisition (Redis) is running, and the
-    /// task running it. Nobody behind it is granted meanwhile.
-    contender: Option<(u64, tokio::task::AbortHandle)>,
+    backoff: Duration,
 }
 
 impl Lock {
+    fn new(limit: u32) -> Lock {
+        Lock {
+            limit,
+            holders: Vec::new(),
+            waiters: VecDeque::new(),
+            attempt: None,
+            repump: false,
+            retry_task: 0,
+            backoff: RETRY_FIRST,
+        }
+    }
+
     /// Do this server's holders leave room for one more holder in `mode`?
     fn admits(&self, kind: Kind, mode: Mode) -> bool {
         match kind {
             Kind::Semaphore => self.holders.len() < self.limit as usize,
             _ => match mode {
                 Mode::Exclusive => self.holders.is_empty(),
-                Mode::Shared => self.holders.iter().all(|h| h.client.mode == Mode::Shared),
+                Mode::Shared => self.holders.iter().all(|h| h.entry.mode == Mode::Shared),
             },
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.holders.is_empty() && self.waiters.is_empty()
+        self.holders.is_empty() && self.waiters.is_empty() && self.attempt.is_none()
     }
 }
 
 struct State {
-    locks: HashMap<Key, Lock>,
+    locks: BTreeMap<Key, Lock>,
     next_id: u64,
     draining: bool,
+    /// Tickets alive: waiting and holding requests (`--max-holds`).
+    holds: usize,
 }
 
 struct Shared {
@@ -322,10 +149,49 @@ pub struct LockTable {
     shared: Arc<Shared>,
 }
 
-/// Backoff while an outside holder blocks the head of a queue: starts at
-/// 1 ms and doubles up to this cap, so an outside release is noticed within
-/// about this long.
-pub const RETRY_CAP: Duration = Duration::from_millis(20);
+/// What the head of a queue is tried with, outside the mutex.
+struct Job {
+    id: u64,
+    mode: Mode,
+    limit: u32,
+    own_slots: Vec<u32>,
+    try_once: bool,
+}
+
+/// How an attempt ended.
+enum Outcome {
+    Taken(Held, u64),
+    /// Someone outside this server holds it.
+    Busy,
+    Contend(Contention),
+    Failed(LockError),
+}
+
+/// What the pump does after committing an outcome.
+enum Next {
+    /// Try the (new) head of the queue.
+    Again,
+    /// An outside holder blocks the head: a retry task runs.
+    Blocked,
+    Done,
+}
+
+/// Things to drop or tell once the table's mutex is released: closing a
+/// descriptor or a connection is not done under it.
+#[derive(Default)]
+struct After {
+    release: Vec<Held>,
+    tell: Vec<(mailbox::Sender, Notice)>,
+}
+
+impl After {
+    fn finish(self) {
+        drop(self.release);
+        for (tx, notice) in self.tell {
+            let _ = tx.send(notice);
+        }
+    }
+}
 
 impl LockTable {
     pub fn new(
@@ -336,9 +202,10 @@ impl LockTable {
         LockTable {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    locks: HashMap::new(),
+                    locks: BTreeMap::new(),
                     next_id: 1,
                     draining: false,
+                    holds: 0,
                 }),
                 events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
                 observer: std::sync::OnceLock::new(),
@@ -378,8 +245,8 @@ impl LockTable {
         }
         let event = Event {
             at: SystemTime::now(),
-            kind: key.0,
-            name: key.1.clone(),
+            kind: key.1,
+            name: key.0.clone(),
             id,
             what,
         };
@@ -391,11 +258,11 @@ impl LockTable {
         }
     }
 
-    /// Joins the queue for a lock. The returned ticket has already received
-    /// `Granted` when the lock was free, or `Queued` otherwise.
-    pub fn acquire(&self, req: AcquireRequest) -> Result<Ticket, LockError> {
-        name::validate(&req.name)?;
+    /// Checks a request against the rules that need no state: the name,
+    /// the kind and its limit, owner, labels and wait.
+    fn check(&self, req: &AcquireRequest) -> Result<(), LockError> {
         let limits = &self.shared.limits;
+        name::validate(&req.name, limits.max_name_components)?;
         match (req.kind, req.limit) {
             (Kind::Semaphore, 0) => {
                 return Err(LockError::InvalidArgument(
@@ -422,205 +289,324 @@ impl LockTable {
                 )));
             }
         }
+        req.check_metadata()?;
         match self.shared.kinds.get(&req.kind) {
-            Some(kind) => kind.check_available()?,
-            None if req.kind == Kind::Redis => {
-                return Err(LockError::Unavailable(
-                    "the redis kind is not configured on this server: start padlockd with \
-                     --redis-url redis://HOST:PORT (or PADLOCK_REDIS_URL)"
-                        .into(),
-                ));
+            Some(kind) => {
+                kind.check_available()?;
+                kind.check_name(&req.name)
             }
-            None => {
-                return Err(LockError::Unavailable(format!(
-                    "this server does not serve {} locks (see its --kinds)",
-                    req.kind.as_str()
-                )));
-            }
+            None if req.kind == Kind::Redis => Err(LockError::Unavailable(
+                "the redis kind is not configured on this server: start padlockd with \
+                 --redis-url redis://HOST:PORT (or PADLOCK_REDIS_URL)"
+                    .into(),
+            )),
+            None => Err(LockError::Unavailable(format!(
+                "this server does not serve {} locks (see its --kinds)",
+                req.kind.as_str()
+            ))),
         }
+    }
 
+    /// Joins the queue for a lock. The returned ticket has already received
+    /// `Granted` when the lock was free, or `Queued` otherwise.
+    pub fn acquire(&self, req: AcquireRequest) -> Result<Ticket, LockError> {
+        self.check(&req)?;
+        let quota = match &req.quota {
+            Some(quota) => Some(quota.take()?),
+            None => None,
+        };
+        let limits = &self.shared.limits;
+        let try_once = req.try_only();
+        let deadline = req.deadline();
         let (tx, rx) = mailbox::mailbox();
-        let mut st = self.state();
-        if st.draining {
-            return Err(LockError::Draining);
-        }
-        let key: Key = (req.kind, Arc::from(req.name.as_str()));
-        let tracked = st.locks.len();
-        let lock = match st.locks.get_mut(&key) {
-            Some(lock) => lock,
-            None if tracked >= limits.max_locks => {
-                return Err(LockError::TooManyLocks {
-                    cap: limits.max_locks,
+        let key: Key = (Arc::from(req.name.as_str()), req.kind);
+        let id = {
+            let mut st = self.state();
+            if st.draining {
+                return Err(LockError::Draining);
+            }
+            if st.holds >= limits.max_holds {
+                return Err(LockError::TooManyHolds {
+                    cap: limits.max_holds,
                 });
             }
-            None => st.locks.entry(key.clone()).or_insert_with(|| Lock {
-                limit: req.limit,
-                ..Lock::default()
-            }),
-        };
-        if lock.limit != req.limit {
-            return Err(LockError::LimitMismatch {
-                name: name::printable(&req.name),
-                current: lock.limit,
-                requested: req.limit,
-            });
-        }
-        if lock.waiters.len() >= limits.max_waiters_per_lock {
-            return Err(LockError::TooManyWaiters {
-                name: name::printable(&req.name),
-                cap: limits.max_waiters_per_lock,
-            });
-        }
-        let id = st.next_id;
-        st.next_id += 1;
-        let lock = st.locks.get_mut(&key).expect("entry was just checked");
-        lock.waiters.push_back(Client {
-            id,
-            owner: req.owner,
-            peer: req.peer,
-            since: SystemTime::now(),
-            mode: req.mode,
-            labels: req.labels,
-            try_once: req.try_only,
-            tx,
-        });
-        self.pump(&mut st, &key);
-
-        let lock = st.locks.get_mut(&key);
-        let waiting = lock
-            .as_ref()
-            .and_then(|l| l.waiters.iter().position(|w| w.id == id));
-        if let (Some(lock), Some(index)) = (lock, waiting) {
-            // A try-lock whose network attempt is running gets its answer
-            // from that attempt (it makes one try only).
-            let contending = lock.contender.as_ref().is_some_and(|(c, _)| *c == id);
-            if req.try_only && !contending {
-                lock.waiters.remove(index);
-                let holders = lock.holders.len();
-                self.forget_if_idle(&mut st, &key);
-                return Err(LockError::NotAcquired {
-                    name: name::printable(&key.1),
-                    holders,
-                    waited: Duration::ZERO,
-                });
-            }
-            let waiter = &lock.waiters[index];
-            let _ = waiter.tx.send(Notice::Queued {
-                position: index as u32 + 1,
-                holders: lock.holders.len() as u32,
-            });
-            let what = EventKind::Queued {
-                position: index as u32 + 1,
-                mode: waiter.mode,
-                owner: waiter.owner.clone(),
+            let tracked = st.locks.len();
+            let lock = match st.locks.get_mut(&key) {
+                Some(lock) => lock,
+                None if tracked >= limits.max_locks => {
+                    return Err(LockError::TooManyLocks {
+                        cap: limits.max_locks,
+                    });
+                }
+                None => st.locks.entry(key.clone()).or_insert(Lock::new(req.limit)),
             };
-            self.emit(&key, id, what);
-        }
-        drop(st);
-        Ok(Ticket {
+            if lock.limit != req.limit {
+                return Err(LockError::LimitMismatch {
+                    name: name::printable(&req.name),
+                    current: lock.limit,
+                    requested: req.limit,
+                });
+            }
+            if lock.waiters.len() >= limits.max_waiters_per_lock {
+                return Err(LockError::TooManyWaiters {
+                    name: name::printable(&req.name),
+                    cap: limits.max_waiters_per_lock,
+                });
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            st.holds += 1;
+            let lock = st.locks.get_mut(&key).expect("entry was just checked");
+            lock.waiters.push_back(Entry {
+                id,
+                owner: req.owner,
+                peer: req.peer,
+                since: SystemTime::now(),
+                mode: req.mode,
+                labels: req.labels,
+                try_once,
+                tx,
+            });
+            id
+        };
+        // From here on the ticket owns the place: dropping it cleans up.
+        let ticket = Ticket {
             table: self.clone(),
-            key,
+            key: key.clone(),
             id,
+            deadline,
             notices: rx,
-        })
-    }
-
-    /// Grants the head of the queue for as long as it can be granted, and
-    /// makes sure a retry task runs while an outside holder blocks the head.
-    fn pump(&self, st: &mut State, key: &Key) {
-        if self.grant_ready(st, key) {
-            let retry_id = st.next_id;
-            if let Some(lock) = st.locks.get_mut(key).filter(|l| l.retry_task == 0) {
-                st.next_id += 1;
-                lock.retry_task = retry_id;
-                self.spawn_retry(key.clone(), retry_id);
-            }
-        }
-    }
-
-    /// Grants waiters from the head of the queue while they can be granted.
-    /// Returns true when the head is blocked by a holder outside this server.
-    fn grant_ready(&self, st: &mut State, key: &Key) -> bool {
-        let Some(lock) = st.locks.get_mut(key) else {
-            return false;
+            _quota: quota,
+            placed: true,
         };
-        let kind = &self.shared.kinds[&key.0];
-        while let Some(head) = lock.waiters.front() {
-            if lock.contender.is_some() || !lock.admits(key.0, head.mode) {
-                return false;
-            }
-            let own_slots: Vec<u32> = lock.holders.iter().filter_map(|h| h.held.slot).collect();
-            let request = Request {
-                name: &key.1,
-                mode: head.mode,
-                limit: lock.limit,
-                own_slots: &own_slots,
-                try_once: head.try_once,
-                on_lost: self.on_lost(key.clone(), head.id),
+        self.pump(&key);
+
+        let mut st = self.state();
+        let Some(lock) = st.locks.get_mut(&key) else {
+            return Ok(ticket); // drained meanwhile: the ticket was told
+        };
+        let Some(index) = lock.waiters.iter().position(|w| w.id == id) else {
+            return Ok(ticket); // granted (or failed) already
+        };
+        // A try-lock being attempted right now gets its answer from that
+        // attempt (it makes one try only); otherwise it is not granted.
+        let attempted = lock.attempt.as_ref().is_some_and(|a| a.id == id);
+        if try_once && !attempted {
+            // Withdrawn quietly: it was never announced as queued.
+            lock.waiters.remove(index);
+            let holders = lock.holders.len();
+            st.holds -= 1;
+            forget_if_idle(&mut st, &key);
+            drop(st);
+            let mut ticket = ticket;
+            ticket.placed = false;
+            drop(ticket);
+            return Err(LockError::NotAcquired {
+                name: name::printable(&key.0),
+                holders,
+                waited: Duration::ZERO,
+            });
+        }
+        let waiter = &lock.waiters[index];
+        let _ = waiter.tx.send(Notice::Queued {
+            position: index as u32 + 1,
+            holders: lock.holders.len() as u32,
+        });
+        let what = EventKind::Queued {
+            position: index as u32 + 1,
+            mode: waiter.mode,
+            owner: waiter.owner.clone(),
+        };
+        self.emit(&key, id, what);
+        drop(st);
+        Ok(ticket)
+    }
+
+    /// Grants the head of the queue for as long as it can be granted,
+    /// running each attempt outside the mutex, and starts a retry task
+    /// when a holder outside this server blocks the head.
+    fn pump(&self, key: &Key) {
+        loop {
+            let job = {
+                let mut st = self.state();
+                match next_job(&mut st, key) {
+                    Some(job) => job,
+                    None => return,
+                }
             };
-            match kind.try_acquire(request) {
-                Ok(Attempt::Taken(held)) => {
-                    let client = lock.waiters.pop_front().expect("head exists");
-                    self.grant(key, lock, client, held);
+            let outcome = self.attempt(key, &job);
+            let mut after = After::default();
+            let next = {
+                let mut st = self.state();
+                let next = self.commit(&mut st, key, &job, outcome, &mut after);
+                if matches!(next, Next::Blocked) {
+                    self.ensure_retry(&mut st, key);
                 }
-                Ok(Attempt::Busy) => return true,
-                Ok(Attempt::Contend(contention)) => {
-                    let id = head.id;
-                    let task = self.spawn_contention(key.clone(), id, contention);
-                    lock.contender = Some((id, task));
-                    return false;
-                }
-                Err(err) => self.fail_head(key, lock, err),
+                forget_if_idle(&mut st, key);
+                next
+            };
+            after.finish();
+            if !matches!(next, Next::Again) {
+                return;
             }
         }
-        false
     }
 
-    /// Makes `client` a holder of `lock` with `held`, and tells it so.
-    fn grant(&self, key: &Key, lock: &mut Lock, mut client: Client, held: Held) {
-        let fence = match held.fence {
-            Some(fence) => fence,
-            None => match self.shared.fences.next(key.0.as_str(), &key.1) {
-                Ok(fence) => fence,
-                Err(err) => {
-                    let err =
-                        LockError::Backend(format!("cannot advance the fence counter: {err}"));
-                    let _ = client.tx.send(Notice::Failed(err));
-                    let what = EventKind::Abandoned {
-                        waited: elapsed(client.since),
-                    };
-                    self.emit(key, client.id, what);
-                    return;
-                }
-            },
+    /// Tries to take the lock for `job`, without the table's mutex.
+    fn attempt(&self, key: &Key, job: &Job) -> Outcome {
+        let Some(kind) = self.shared.kinds.get(&key.1) else {
+            return Outcome::Failed(LockError::Unavailable(format!(
+                "this server does not serve {} locks",
+                key.1.as_str()
+            )));
         };
+        let request = Request {
+            name: &key.0,
+            mode: job.mode,
+            limit: job.limit,
+            own_slots: &job.own_slots,
+            try_once: job.try_once,
+            on_lost: self.on_lost(key.clone(), job.id),
+        };
+        match kind.try_acquire(request) {
+            Ok(Attempt::Taken(held)) => self.with_fence(key, held),
+            Ok(Attempt::Busy) => Outcome::Busy,
+            Ok(Attempt::Contend(contention)) => Outcome::Contend(contention),
+            Err(err) => Outcome::Failed(err),
+        }
+    }
+
+    /// Draws the fence of a lock just taken (unless its kind drew one).
+    /// Runs without the mutex, while the lock is held, so fences follow the
+    /// order of grants across every process sharing the lock directory.
+    fn with_fence(&self, key: &Key, held: Held) -> Outcome {
+        if let Some(fence) = held.fence {
+            return Outcome::Taken(held, fence);
+        }
+        match self.shared.fences.next(key.1.as_str(), &key.0) {
+            Ok(fence) => Outcome::Taken(held, fence),
+            // Another process has the counter locked: let go, retry soon.
+            Err(fence::FenceError::Busy) => Outcome::Busy,
+            Err(err) => Outcome::Failed(LockError::Backend(format!(
+                "cannot advance the fence counter: {err}"
+            ))),
+        }
+    }
+
+    /// Applies the outcome of the attempt for `job`, under the mutex.
+    fn commit(
+        &self,
+        st: &mut State,
+        key: &Key,
+        job: &Job,
+        outcome: Outcome,
+        after: &mut After,
+    ) -> Next {
+        let Some(lock) = st.locks.get_mut(key) else {
+            // Drained meanwhile.
+            if let Outcome::Taken(held, _) = outcome {
+                after.release.push(held);
+            }
+            return Next::Done;
+        };
+        if lock.attempt.as_ref().is_none_or(|a| a.id != job.id) {
+            if let Outcome::Taken(held, _) = outcome {
+                after.release.push(held);
+            }
+            return Next::Done;
+        }
+        if let Outcome::Contend(contention) = outcome {
+            let task = self.spawn_contention(key.clone(), job.id, contention);
+            lock.attempt = Some(Attempting {
+                id: job.id,
+                task: Some(task),
+            });
+            return Next::Done;
+        }
+        lock.attempt = None;
+        let repump = std::mem::take(&mut lock.repump);
+        let is_head = lock.waiters.front().is_some_and(|w| w.id == job.id);
+        match outcome {
+            Outcome::Taken(held, fence) if is_head && held.is_alive() => {
+                let entry = lock.waiters.pop_front().expect("head exists");
+                lock.backoff = RETRY_FIRST;
+                self.grant(key, lock, entry, held, fence, after);
+                Next::Again
+            }
+            // The waiter left meanwhile, or the lock was lost between being
+            // taken and now: let go of it, and go on with the queue.
+            Outcome::Taken(held, _) => {
+                after.release.push(held);
+                Next::Again
+            }
+            Outcome::Busy if is_head && job.try_once => {
+                let err = LockError::NotAcquired {
+                    name: name::printable(&key.0),
+                    holders: lock.holders.len(),
+                    waited: Duration::ZERO,
+                };
+                self.fail_head(key, lock, err, after);
+                Next::Again
+            }
+            Outcome::Busy if is_head && !repump => Next::Blocked,
+            Outcome::Busy => Next::Again,
+            Outcome::Failed(err) if is_head => {
+                self.fail_head(key, lock, err, after);
+                Next::Again
+            }
+            Outcome::Failed(_) => Next::Again,
+            Outcome::Contend(_) => unreachable!("handled above"),
+        }
+    }
+
+    /// Makes `entry` a holder of `lock` with `held`, and tells it so.
+    fn grant(
+        &self,
+        key: &Key,
+        lock: &mut Lock,
+        mut entry: Entry,
+        held: Held,
+        fence: u64,
+        after: &mut After,
+    ) {
         let grant = Grant {
-            holder_id: client.id,
+            holder_id: entry.id,
             fence,
             slot: held.slot,
-            mode: client.mode,
+            mode: entry.mode,
         };
         // The receiver lives in the Ticket, whose Drop removes the waiter
         // under this mutex first, so a closed mailbox cannot happen here;
-        // if it ever did, `held` is dropped and the lock stays free.
-        if client.tx.send(Notice::Granted(grant)).is_ok() {
-            let now = SystemTime::now();
-            let waited = now.duration_since(client.since).unwrap_or_default();
-            client.since = now;
-            let what = EventKind::Granted {
-                fence,
-                slot: held.slot,
-                mode: client.mode,
-                owner: client.owner.clone(),
-                waited,
-            };
-            self.emit(key, client.id, what);
-            lock.holders.push(Holder {
-                client,
-                fence,
-                held,
-            });
+        // if it ever did, `held` is let go and the lock stays free.
+        if entry.tx.send(Notice::Granted(grant)).is_err() {
+            after.release.push(held);
+            return;
         }
+        let now = SystemTime::now();
+        let waited = now.duration_since(entry.since).unwrap_or_default();
+        entry.since = now;
+        let what = EventKind::Granted {
+            fence,
+            slot: held.slot,
+            mode: entry.mode,
+            owner: entry.owner.clone(),
+            waited,
+        };
+        self.emit(key, entry.id, what);
+        lock.holders.push(Holder { entry, fence, held });
+    }
+
+    /// Removes the head of the queue with `err`.
+    fn fail_head(&self, key: &Key, lock: &mut Lock, err: LockError, after: &mut After) {
+        let waiter = lock.waiters.pop_front().expect("head exists");
+        self.emit(
+            key,
+            waiter.id,
+            EventKind::Abandoned {
+                waited: elapsed(waiter.since),
+            },
+        );
+        after.tell.push((waiter.tx, Notice::Failed(err)));
     }
 
     /// What a kind calls when a lock it granted to holder `id` ends on the
@@ -629,7 +615,7 @@ impl LockTable {
         let table = Arc::downgrade(&self.shared);
         Box::new(move |detail: String| {
             if let Some(shared) = table.upgrade() {
-                LockTable { shared }.revoke(key.0, &key.1, id, LostReason::Backend, &detail);
+                LockTable { shared }.revoke(key.1, &key.0, id, LostReason::Backend, &detail);
             }
         })
     }
@@ -653,103 +639,114 @@ impl LockTable {
     }
 
     fn finish_contention(&self, key: &Key, id: u64, outcome: Result<Held, LockError>) {
+        let job = Job {
+            id,
+            mode: Mode::Exclusive,
+            limit: 0,
+            own_slots: Vec::new(),
+            try_once: false,
+        };
+        let outcome = match outcome {
+            Ok(held) => self.with_fence(key, held),
+            Err(err) => Outcome::Failed(err),
+        };
+        let mut after = After::default();
         let mut st = self.state();
-        let Some(lock) = st.locks.get_mut(key) else {
+        let current = st
+            .locks
+            .get(key)
+            .and_then(|lock| lock.attempt.as_ref())
+            .is_some_and(|a| a.id == id);
+        if !current {
+            // Cancelled meanwhile: let go of what was taken, unlocked.
+            drop(st);
+            drop(outcome);
+            return;
+        }
+        // A contention that ended Busy (fence counter) is retried like any
+        // other: the head is attempted again below.
+        let next = self.commit(&mut st, key, &job, outcome, &mut after);
+        if matches!(next, Next::Blocked) {
+            self.ensure_retry(&mut st, key);
+        }
+        forget_if_idle(&mut st, key);
+        drop(st);
+        after.finish();
+        self.pump(key);
+    }
+
+    /// Makes sure a task retries `key` while an outside holder blocks it.
+    fn ensure_retry(&self, st: &mut State, key: &Key) {
+        let task_id = st.next_id;
+        let Some(lock) = st.locks.get_mut(key).filter(|l| l.retry_task == 0) else {
             return;
         };
-        if lock.contender.as_ref().is_none_or(|(c, _)| *c != id) {
-            return; // cancelled meanwhile; dropping `outcome` lets go of it
-        }
-        lock.contender = None;
-        if lock.waiters.front().is_some_and(|w| w.id == id) {
-            match outcome {
-                // Lost between being taken and now: contend again (pump).
-                Ok(held) if !held.is_alive() => drop(held),
-                Ok(held) => {
-                    let client = lock.waiters.pop_front().expect("head exists");
-                    self.grant(key, lock, client, held);
-                }
-                Err(err) => self.fail_head(key, lock, err),
-            }
-        }
-        self.pump(&mut st, key);
-        self.forget_if_idle(&mut st, key);
-    }
-
-    /// Removes the head of the queue with `err`.
-    fn fail_head(&self, key: &Key, lock: &mut Lock, err: LockError) {
-        let waiter = lock.waiters.pop_front().expect("head exists");
-        let _ = waiter.tx.send(Notice::Failed(err));
-        self.emit(
-            key,
-            waiter.id,
-            EventKind::Abandoned {
-                waited: elapsed(waiter.since),
-            },
-        );
-    }
-
-    /// Retries a lock whose head is blocked by a holder outside this server,
-    /// with a backoff from 1 ms up to [`RETRY_CAP`], until the head is
-    /// granted, the queue empties, or another task takes over.
-    fn spawn_retry(&self, key: Key, task_id: u64) {
-        let table = self.clone();
+        st.next_id += 1;
+        lock.retry_task = task_id;
+        let delay = lock.backoff;
+        lock.backoff = (lock.backoff * 2).min(RETRY_CAP);
+        let table = Arc::downgrade(&self.shared);
+        let key = key.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(1);
-            loop {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_CAP);
+            tokio::time::sleep(delay).await;
+            let Some(shared) = table.upgrade() else {
+                return;
+            };
+            let table = LockTable { shared };
+            {
                 let mut st = table.state();
-                match st.locks.get(&key) {
-                    Some(lock) if lock.retry_task == task_id => {}
+                match st.locks.get_mut(&key) {
+                    Some(lock) if lock.retry_task == task_id => lock.retry_task = 0,
                     _ => return,
                 }
-                if !table.grant_ready(&mut st, &key) {
-                    if let Some(lock) = st.locks.get_mut(&key) {
-                        lock.retry_task = 0;
-                    }
-                    return;
-                }
             }
+            // Blocked again: the pump starts the next retry, later.
+            table.pump(&key);
         });
     }
 
     /// Removes holder or waiter `id` of `key` (a ticket was dropped).
     fn leave(&self, key: &Key, id: u64) {
-        let mut st = self.state();
-        let Some(lock) = st.locks.get_mut(key) else {
-            return;
-        };
-        if let Some(i) = lock.holders.iter().position(|h| h.client.id == id) {
-            // Dropping the holder drops its `Held`: the flock is released.
-            let holder = lock.holders.swap_remove(i);
-            let held = elapsed(holder.client.since);
-            drop(holder);
-            self.emit(key, id, EventKind::Released { held });
-            self.pump(&mut st, key);
-        } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
-            if let Some((_, task)) = lock.contender.take_if(|(c, _)| *c == id) {
-                task.abort();
-            }
-            let waiter = lock.waiters.remove(i).expect("index is in range");
-            self.emit(
-                key,
-                id,
-                EventKind::Abandoned {
-                    waited: elapsed(waiter.since),
-                },
-            );
-            if i == 0 {
+        let mut after = After::default();
+        let pump = {
+            let mut st = self.state();
+            st.holds = st.holds.saturating_sub(1);
+            let Some(lock) = st.locks.get_mut(key) else {
+                return;
+            };
+            let mut pump = false;
+            if let Some(i) = lock.holders.iter().position(|h| h.entry.id == id) {
+                let holder = lock.holders.swap_remove(i);
+                let held_for = elapsed(holder.entry.since);
+                // Dropping `held` (after the mutex) releases the flock.
+                after.release.push(holder.held);
+                self.emit(key, id, EventKind::Released { held: held_for });
+                pump = true;
+            } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
+                if let Some(task) = lock
+                    .attempt
+                    .take_if(|a| a.id == id && a.task.is_some())
+                    .and_then(|a| a.task)
+                {
+                    task.abort();
+                }
+                let waiter = lock.waiters.remove(i).expect("index is in range");
+                self.emit(
+                    key,
+                    id,
+                    EventKind::Abandoned {
+                        waited: elapsed(waiter.since),
+                    },
+                );
                 // A new head may be grantable (e.g. readers behind a writer).
-                self.pump(&mut st, key);
+                pump = i == 0;
             }
-        }
-        self.forget_if_idle(&mut st, key);
-    }
-
-    fn forget_if_idle(&self, st: &mut State, key: &Key) {
-        if st.locks.get(key).is_some_and(Lock::is_idle) {
-            st.locks.remove(key);
+            forget_if_idle(&mut st, key);
+            pump
+        };
+        after.finish();
+        if pump {
+            self.pump(key);
         }
     }
 
@@ -763,66 +760,77 @@ impl LockTable {
         reason: LostReason,
         detail: &str,
     ) -> bool {
-        let mut st = self.state();
-        let key: Key = (kind, Arc::from(name));
-        let Some(lock) = st.locks.get_mut(&key) else {
-            return false;
-        };
-        let Some(i) = lock.holders.iter().position(|h| h.client.id == id) else {
-            return false;
-        };
-        let Holder { client, held, .. } = lock.holders.swap_remove(i);
-        // Release first, then tell: once told, the holder may act on it.
-        drop(held);
-        let _ = client.tx.send(Notice::Lost {
-            reason,
-            detail: detail.to_string(),
-        });
-        self.emit(
-            &key,
-            id,
-            EventKind::Lost {
+        let key: Key = (Arc::from(name), kind);
+        let mut after = After::default();
+        {
+            let mut st = self.state();
+            let Some(lock) = st.locks.get_mut(&key) else {
+                return false;
+            };
+            let Some(i) = lock.holders.iter().position(|h| h.entry.id == id) else {
+                return false;
+            };
+            let Holder { entry, held, .. } = lock.holders.swap_remove(i);
+            self.emit(
+                &key,
+                id,
+                EventKind::Lost {
+                    reason,
+                    held: elapsed(entry.since),
+                },
+            );
+            // Release first, then tell: once told, the holder may act on it.
+            after.release.push(held);
+            let notice = Notice::Lost {
                 reason,
-                held: elapsed(client.since),
-            },
-        );
-        self.pump(&mut st, &key);
-        self.forget_if_idle(&mut st, &key);
+                detail: detail.to_string(),
+            };
+            after.tell.push((entry.tx, notice));
+        }
+        after.finish();
+        self.pump(&key);
         true
     }
 
     /// Stops granting: every holder gets `Lost{shutdown}`, every waiter
     /// `Failed(Draining)`, and later acquires are refused.
     pub fn drain(&self) {
-        let mut st = self.state();
-        st.draining = true;
-        for (key, lock) in std::mem::take(&mut st.locks) {
-            if let Some((_, task)) = lock.contender {
-                task.abort();
-            }
-            for Holder { client, held, .. } in lock.holders {
-                drop(held);
-                let _ = client.tx.send(Notice::Lost {
-                    reason: LostReason::Shutdown,
-                    detail: "padlockd is shutting down".into(),
-                });
-                let what = EventKind::Lost {
-                    reason: LostReason::Shutdown,
-                    held: elapsed(client.since),
-                };
-                self.emit(&key, client.id, what);
-            }
-            for waiter in lock.waiters {
-                let _ = waiter.tx.send(Notice::Failed(LockError::Draining));
-                self.emit(
-                    &key,
-                    waiter.id,
-                    EventKind::Abandoned {
-                        waited: elapsed(waiter.since),
-                    },
-                );
+        let mut after = After::default();
+        {
+            let mut st = self.state();
+            st.draining = true;
+            for (key, lock) in std::mem::take(&mut st.locks) {
+                if let Some(task) = lock.attempt.and_then(|a| a.task) {
+                    task.abort();
+                }
+                for Holder { entry, held, .. } in lock.holders {
+                    let what = EventKind::Lost {
+                        reason: LostReason::Shutdown,
+                        held: elapsed(entry.since),
+                    };
+                    self.emit(&key, entry.id, what);
+                    after.release.push(held);
+                    let notice = Notice::Lost {
+                        reason: LostReason::Shutdown,
+                        detail: "padlockd is shutting down".into(),
+                    };
+                    after.tell.push((entry.tx, notice));
+                }
+                for waiter in lock.waiters {
+                    self.emit(
+                        &key,
+                        waiter.id,
+                        EventKind::Abandoned {
+                            waited: elapsed(waiter.since),
+                        },
+                    );
+                    after
+                        .tell
+                        .push((waiter.tx, Notice::Failed(LockError::Draining)));
+                }
             }
         }
+        after.finish();
     }
 
     /// The kinds whose backend refuses requests right now (Redis down).
@@ -841,82 +849,88 @@ impl LockTable {
         self.state().draining
     }
 
-    /// Every lock with holders or waiters, optionally filtered, sorted by
-    /// name then kind.
-    pub fn list(&self, kind: Option<Kind>, prefix: &str) -> Vec<LockView> {
+    /// A page of the locks with holders or waiters whose name starts with
+    /// `prefix` (and of `kind`, if given), in (name, kind) order, after the
+    /// lock `after`: at most `limit` locks, and fewer when their details
+    /// reach `detail.byte_budget`.
+    pub fn list(
+        &self,
+        kind: Option<Kind>,
+        prefix: &str,
+        after: Option<(&str, Kind)>,
+        limit: usize,
+        detail: &Detail,
+    ) -> Page {
         let st = self.state();
-        let mut views: Vec<LockView> = st
-            .locks
-            .iter()
-            .filter(|((k, n), _)| kind.is_none_or(|want| *k == want) && n.starts_with(prefix))
-            .map(|(key, lock)| view(key, lock))
-            .collect();
-        views.sort_by(|a, b| (&a.name, a.kind).cmp(&(&b.name, b.kind)));
-        views
+        view::page(&st.locks, kind, prefix, after, limit, detail)
     }
 
-    /// One lock, if it has holders or waiters.
-    pub fn get(&self, kind: Kind, name: &str) -> Option<LockView> {
+    /// One lock, if it has holders or waiters, with at most what `detail`
+    /// allows of its holders and waiters.
+    pub fn get(&self, kind: Kind, name: &str, detail: &Detail) -> Option<LockView> {
         let st = self.state();
-        let key: Key = (kind, Arc::from(name));
-        st.locks.get(&key).map(|lock| view(&key, lock))
+        let key: Key = (Arc::from(name), kind);
+        st.locks
+            .get(&key)
+            .map(|lock| view::view(&key, lock, detail))
     }
 
-    pub fn totals(&self) -> Totals {
+    /// Counts, for server info and metrics; `prefix` limits them to the
+    /// names starting with it.
+    pub fn totals(&self, prefix: &str) -> Totals {
         let st = self.state();
-        st.locks.values().fold(
-            Totals {
-                locks: st.locks.len(),
-                ..Totals::default()
-            },
-            |mut t, lock| {
-                t.holders += lock.holders.len();
-                t.waiters += lock.waiters.len();
-                t
-            },
-        )
+        let mut totals = Totals {
+            holds: if prefix.is_empty() { st.holds } else { 0 },
+            ..Totals::default()
+        };
+        for (_, lock) in view::under(&st.locks, prefix) {
+            totals.locks += 1;
+            totals.holders += lock.holders.len();
+            totals.waiters += lock.waiters.len();
+        }
+        if !prefix.is_empty() {
+            totals.holds = totals.holders + totals.waiters;
+        }
+        totals
+    }
+}
+
+/// Marks the head of the queue of `key` as attempted and says how to try
+/// it; `None` when there is nothing to try now.
+fn next_job(st: &mut State, key: &Key) -> Option<Job> {
+    let lock = st.locks.get_mut(key)?;
+    if lock.attempt.is_some() {
+        // The attempt's owner looks again when it is done.
+        lock.repump = true;
+        return None;
+    }
+    let head = lock.waiters.front()?;
+    if !lock.admits(key.1, head.mode) {
+        return None;
+    }
+    let job = Job {
+        id: head.id,
+        mode: head.mode,
+        limit: lock.limit,
+        own_slots: lock.holders.iter().filter_map(|h| h.held.slot).collect(),
+        try_once: head.try_once,
+    };
+    lock.attempt = Some(Attempting {
+        id: head.id,
+        task: None,
+    });
+    lock.repump = false;
+    Some(job)
+}
+
+fn forget_if_idle(st: &mut State, key: &Key) {
+    if st.locks.get(key).is_some_and(Lock::is_idle) {
+        st.locks.remove(key);
     }
 }
 
 fn elapsed(since: SystemTime) -> Duration {
     since.elapsed().unwrap_or_default()
-}
-
-fn view(key: &Key, lock: &Lock) -> LockView {
-    LockView {
-        name: key.1.to_string(),
-        kind: key.0,
-        mode: lock.holders.first().map(|h| h.client.mode),
-        limit: lock.limit,
-        holders: lock
-            .holders
-            .iter()
-            .map(|h| HolderView {
-                id: h.client.id,
-                owner: h.client.owner.clone(),
-                peer: h.client.peer.clone(),
-                since: h.client.since,
-                fence: h.fence,
-                slot: h.held.slot,
-                mode: h.client.mode,
-                labels: h.client.labels.clone(),
-            })
-            .collect(),
-        waiters: lock
-            .waiters
-            .iter()
-            .enumerate()
-            .map(|(i, w)| WaiterView {
-                id: w.id,
-                owner: w.owner.clone(),
-                peer: w.peer.clone(),
-                position: i as u32 + 1,
-                since: w.since,
-                mode: w.mode,
-                labels: w.labels.clone(),
-            })
-            .collect(),
-    }
 }
 
 /// A place in a lock's queue, then the lock itself. Dropping the ticket
@@ -925,8 +939,14 @@ pub struct Ticket {
     table: LockTable,
     key: Key,
     id: u64,
+    /// When the wait ends (`None`: never, or a try-lock).
+    deadline: Option<tokio::time::Instant>,
     /// Queued, Granted, Lost or Failed, in that order of life.
     pub notices: mailbox::Receiver,
+    /// The client token's place in its quota, given back on drop.
+    _quota: Option<QuotaSlot>,
+    /// Still in the table: dropping the ticket leaves it.
+    placed: bool,
 }
 
 impl Ticket {
@@ -935,13 +955,68 @@ impl Ticket {
     }
 
     pub fn kind(&self) -> Kind {
-        self.key.0
+        self.key.1
+    }
+
+    /// When the wait for a grant ends, if it does.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
+    }
+
+    /// Gives up the wait: leaves the queue and says why, with the holders
+    /// the lock has at this moment.
+    pub fn time_out(self, waited: Duration) -> LockError {
+        let holders = {
+            let st = self.table.state();
+            st.locks.get(&self.key).map_or(0, |l| l.holders.len())
+        };
+        let err = LockError::NotAcquired {
+            name: name::printable(&self.key.0),
+            holders,
+            waited,
+        };
+        drop(self);
+        err
+    }
+
+    /// Releases a held lock at the holder's request, after making sure that
+    /// it was still held: `Err` with why when it had been lost on the
+    /// backend meanwhile (the holder must be told `Lost`, not `Released`).
+    pub async fn release(self) -> Result<(), Notice> {
+        let confirm = {
+            let st = self.table.state();
+            st.locks.get(&self.key).and_then(|lock| {
+                lock.holders
+                    .iter()
+                    .find(|h| h.entry.id == self.id)
+                    .and_then(|h| h.held.confirm())
+            })
+        };
+        let confirmed = match confirm {
+            Some(confirm) => confirm.await,
+            None => Ok(()),
+        };
+        if let Err(detail) = confirmed {
+            let key = &self.key;
+            self.table
+                .revoke(key.1, &key.0, self.id, LostReason::Backend, &detail);
+        }
+        let mut this = self;
+        while let Some(notice) = this.notices.try_recv() {
+            if matches!(notice, Notice::Lost { .. }) {
+                return Err(notice);
+            }
+        }
+        drop(this);
+        Ok(())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.table.leave(&self.key, self.id);
+        if self.placed {
+            self.table.leave(&self.key, self.id);
+        }
     }
 }
 

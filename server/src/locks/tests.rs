@@ -1,15 +1,31 @@
 //! Unit tests of the queue rules, against real flocks in a temp directory.
 
 use super::*;
+use crate::fds::Descriptors;
 use crate::kinds::{file::FileKind, fs::Root, semaphore::SemaphoreKind};
 
 fn table(dir: &std::path::Path, limits: Limits) -> LockTable {
+    table_with(dir, limits, Descriptors::unlimited())
+}
+
+fn table_with(dir: &std::path::Path, limits: Limits, fds: Arc<Descriptors>) -> LockTable {
     let root = Arc::new(Root::open(dir).unwrap());
     let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
-    kinds.insert(Kind::File, Box::new(FileKind::new(root.clone())));
-    kinds.insert(Kind::Semaphore, Box::new(SemaphoreKind::new(root)));
-    let fences = fence::Fences::open(&dir.join(".padlock")).unwrap();
+    kinds.insert(
+        Kind::File,
+        Box::new(FileKind::new(root.clone(), fds.clone())),
+    );
+    kinds.insert(
+        Kind::Semaphore,
+        Box::new(SemaphoreKind::new(root.clone(), fds)),
+    );
+    let state = root.private_subdir(".padlock").unwrap();
+    let fences = fence::Fences::open(&state).unwrap();
     LockTable::new(kinds, fences, limits)
+}
+
+fn show(t: &LockTable, name: &str) -> Option<LockView> {
+    t.get(Kind::File, name, &Detail::show(0, 1000))
 }
 
 fn req(name: &str, mode: Mode) -> AcquireRequest {
@@ -21,7 +37,8 @@ fn req(name: &str, mode: Mode) -> AcquireRequest {
         owner: "test".into(),
         peer: "local".into(),
         labels: BTreeMap::new(),
-        try_only: false,
+        wait: None,
+        quota: None,
     }
 }
 
@@ -45,7 +62,7 @@ async fn fifo_handoff_with_increasing_fences() {
     let mut c = t.acquire(req("x", Mode::Exclusive)).unwrap();
     let fa = granted(&mut a).unwrap().fence;
     assert!(granted(&mut b).is_none());
-    assert_eq!(t.get(Kind::File, "x").unwrap().waiters.len(), 2);
+    assert_eq!(show(&t, "x").unwrap().waiters.len(), 2);
     drop(a);
     let fb = granted(&mut b).unwrap().fence;
     assert!(granted(&mut c).is_none());
@@ -53,7 +70,7 @@ async fn fifo_handoff_with_increasing_fences() {
     let fc = granted(&mut c).unwrap().fence;
     assert!(fa < fb && fb < fc);
     drop(c);
-    assert!(t.get(Kind::File, "x").is_none(), "idle locks are forgotten");
+    assert!(show(&t, "x").is_none(), "idle locks are forgotten");
 }
 
 #[tokio::test]
@@ -83,12 +100,12 @@ async fn try_only_fails_without_queueing() {
     let t = table(dir.path(), Limits::default());
     let _a = t.acquire(req("x", Mode::Exclusive)).unwrap();
     let mut r = req("x", Mode::Exclusive);
-    r.try_only = true;
+    r.wait = Some(Duration::ZERO);
     assert!(matches!(
         t.acquire(r),
         Err(LockError::NotAcquired { holders: 1, .. })
     ));
-    assert!(t.get(Kind::File, "x").unwrap().waiters.is_empty());
+    assert!(show(&t, "x").unwrap().waiters.is_empty());
 }
 
 #[tokio::test]

@@ -427,9 +427,9 @@ fn render_list(locks: &[proto::LockInfo], now: SystemTime) -> String {
         .iter()
         .map(|l| {
             let holders = if l.limit > 0 {
-                format!("{}/{}", l.holders.len(), l.limit)
+                format!("{}/{}", l.holders_total, l.limit)
             } else {
-                l.holders.len().to_string()
+                l.holders_total.to_string()
             };
             let oldest = l.holders.iter().map(|h| h.since_unix_ms).min();
             vec![
@@ -437,7 +437,7 @@ fn render_list(locks: &[proto::LockInfo], now: SystemTime) -> String {
                 kind_name(l.kind).into(),
                 mode_name(l.mode).into(),
                 holders,
-                l.waiters.len().to_string(),
+                l.waiters_total.to_string(),
                 l.holders
                     .iter()
                     .map(|h| h.fence)
@@ -500,6 +500,14 @@ fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
         &["POS", "ID", "MODE", "WAITING", "PEER", "OWNER"],
         &waiters,
     ));
+    let shown = (l.holders.len(), l.waiters.len());
+    let total = (l.holders_total as usize, l.waiters_total as usize);
+    if shown.0 < total.0 || shown.1 < total.1 {
+        out.push_str(&format!(
+            "\n(showing {} of {} holders and {} of {} waiters)\n",
+            shown.0, total.0, shown.1, total.1
+        ));
+    }
     out
 }
 
@@ -523,6 +531,8 @@ mod tests {
                 ..Default::default()
             }],
             waiters: vec![],
+            holders_total: 1,
+            waiters_total: 0,
         };
         let text = render_list(&[lock], now);
         let lines: Vec<&str> = text.lines().collect();

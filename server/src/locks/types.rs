@@ -1,0 +1,314 @@
+//! The lock table's vocabulary: kinds, modes, requests, what the table
+//! tells a ticket, events, errors and limits.
+
+use super::name;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// What is locked, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    File,
+    Semaphore,
+    Redis,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Semaphore => "semaphore",
+            Kind::Redis => "redis",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exclusive,
+    Shared,
+}
+
+/// Why a holder lost its lock without asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReason {
+    Shutdown,
+    Revoked,
+    Backend,
+}
+
+/// Errors of the lock table, mapped to gRPC and HTTP statuses once, in the
+/// transports.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LockError {
+    #[error("invalid lock name '{name}': {why}")]
+    InvalidName { name: String, why: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(
+        "semaphore '{name}' has limit {current} while it has holders or waiters; \
+         this request asked for limit {requested}"
+    )]
+    LimitMismatch {
+        name: String,
+        current: u32,
+        requested: u32,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("lock '{name}' already has {cap} waiters (the server's --max-waiters-per-lock)")]
+    TooManyWaiters { name: String, cap: usize },
+    #[error("the server already tracks {cap} locks (the server's --max-locks)")]
+    TooManyLocks { cap: usize },
+    #[error(
+        "the server already has {cap} lock requests open, held or waiting (the server's --max-holds)"
+    )]
+    TooManyHolds { cap: usize },
+    #[error(
+        "this client token already has {cap} lock requests open, held or waiting (its quota in the server's token file)"
+    )]
+    QuotaExceeded { cap: usize },
+    #[error(
+        "padlockd has no file descriptor left for another lock: {budget} are in use by locks \
+         (its RLIMIT_NOFILE of {limit}, less a reserve for connections)"
+    )]
+    NoDescriptors { budget: usize, limit: usize },
+    #[error(
+        "lock '{name}' is held ({holders} holder(s) on this server, or a process outside it) and was not acquired within {waited:?}"
+    )]
+    NotAcquired {
+        name: String,
+        holders: usize,
+        waited: Duration,
+    },
+    #[error("the server is shutting down and grants no more locks")]
+    Draining,
+    #[error("lock backend failed: {0}")]
+    Backend(String),
+}
+
+/// Limits the table enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_locks: usize,
+    pub max_waiters_per_lock: usize,
+    pub max_semaphore_limit: u32,
+    /// Lock requests open at once, waiting or holding.
+    pub max_holds: usize,
+    /// Most `/`-separated components in a name.
+    pub max_name_components: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_locks: 20_000,
+            max_waiters_per_lock: 10_000,
+            max_semaphore_limit: 1024,
+            max_holds: 20_000,
+            max_name_components: 16,
+        }
+    }
+}
+
+/// Longest owner string, and most labels and longest label key or value,
+/// accepted: one request cannot make the table hold megabytes of metadata.
+pub const MAX_OWNER_BYTES: usize = 256;
+pub const MAX_LABELS: usize = 16;
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Longest wait a request may ask for (absent: wait as long as it takes).
+pub const MAX_WAIT: Duration = Duration::from_secs(365 * 86_400);
+
+/// A request to hold a lock, already decoded from the wire.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub name: String,
+    pub kind: Kind,
+    pub mode: Mode,
+    /// Slot count for semaphores; ignored (must be 0) for other kinds.
+    pub limit: u32,
+    /// Free text naming the client.
+    pub owner: String,
+    /// The client's network address.
+    pub peer: String,
+    pub labels: BTreeMap<String, String>,
+    /// How long to wait: `None` as long as it takes, zero tries once
+    /// (failing with [`LockError::NotAcquired`] instead of queueing).
+    pub wait: Option<Duration>,
+    /// The quota of the client token the request came with, if it has one.
+    pub quota: Option<Arc<Quota>>,
+}
+
+impl AcquireRequest {
+    /// Try once: do not queue behind anyone.
+    pub fn try_only(&self) -> bool {
+        self.wait == Some(Duration::ZERO)
+    }
+
+    /// When the wait ends (`None`: never, or a try-lock, which its one
+    /// attempt answers).
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        let wait = self.wait.filter(|w| !w.is_zero())?;
+        tokio::time::Instant::now().checked_add(wait)
+    }
+
+    /// Bounds on what a client may make the server keep: owner, labels and
+    /// the wait.
+    pub fn check_metadata(&self) -> Result<(), LockError> {
+        if self.owner.len() > MAX_OWNER_BYTES {
+            return Err(LockError::InvalidArgument(format!(
+                "owner is {} bytes long; the limit is {MAX_OWNER_BYTES}",
+                self.owner.len()
+            )));
+        }
+        if self.labels.len() > MAX_LABELS
+            || self
+                .labels
+                .iter()
+                .any(|(k, v)| k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
+        {
+            return Err(LockError::InvalidArgument(format!(
+                "at most {MAX_LABELS} labels, each key and value at most {MAX_LABEL_BYTES} bytes"
+            )));
+        }
+        if self.wait.is_some_and(|w| w > MAX_WAIT) {
+            return Err(LockError::InvalidArgument(format!(
+                "the wait is longer than the longest allowed ({} days); leave it out to wait \
+                 as long as it takes",
+                MAX_WAIT.as_secs() / 86_400
+            )));
+        }
+        name::check_text("owner", &self.owner)?;
+        for (k, v) in &self.labels {
+            name::check_text("a label", k)?;
+            name::check_text("a label", v)?;
+        }
+        Ok(())
+    }
+}
+
+/// How many lock requests (held or waiting) one client token may have
+/// open at once.
+#[derive(Debug)]
+pub struct Quota {
+    pub max: usize,
+    used: AtomicUsize,
+}
+
+impl Quota {
+    pub fn new(max: usize) -> Arc<Quota> {
+        Arc::new(Quota {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Requests open now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// One more request, or [`LockError::QuotaExceeded`].
+    pub fn take(self: &Arc<Self>) -> Result<QuotaSlot, LockError> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map(|_| QuotaSlot(self.clone()))
+            .map_err(|_| LockError::QuotaExceeded { cap: self.max })
+    }
+}
+
+/// One request counted in a [`Quota`] until dropped.
+#[derive(Debug)]
+pub struct QuotaSlot(Arc<Quota>);
+
+impl Drop for QuotaSlot {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the table tells a ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Still waiting, at this 1-based position.
+    Queued {
+        position: u32,
+        holders: u32,
+    },
+    Granted(Grant),
+    /// The lock ended without the holder asking.
+    Lost {
+        reason: LostReason,
+        detail: String,
+    },
+    /// The waiter was removed from the queue without a grant.
+    Failed(LockError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub holder_id: u64,
+    pub fence: u64,
+    pub slot: Option<u32>,
+    pub mode: Mode,
+}
+
+/// Something that happened to a lock, for live inspection (SSE), metrics
+/// and logs. Sent on a broadcast channel: slow subscribers miss events
+/// (and are told so by the channel), the table never waits for them.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub kind: Kind,
+    pub name: Arc<str>,
+    /// The holder or waiter the event is about.
+    pub id: u64,
+    pub what: EventKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum EventKind {
+    /// A waiter joined the queue (it was not granted at once).
+    Queued {
+        position: u32,
+        mode: Mode,
+        owner: String,
+    },
+    /// A waiter became a holder after waiting `waited`.
+    Granted {
+        fence: u64,
+        slot: Option<u32>,
+        mode: Mode,
+        owner: String,
+        waited: Duration,
+    },
+    /// A holder released (or its client went away) after holding `held`.
+    Released { held: Duration },
+    /// A holder's lock ended without its asking.
+    Lost { reason: LostReason, held: Duration },
+    /// A waiter left the queue without a grant (cancelled, timed out,
+    /// disconnected, refused) after waiting `waited`.
+    Abandoned { waited: Duration },
+}
+
+/// Sees every [`Event`] as it happens, under the table's mutex: it must be
+/// quick and must not call back into the table. Metrics use it, because a
+/// broadcast subscriber can fall behind and miss events.
+pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Capacity of the event channel: how far a subscriber may fall behind.
+pub const EVENT_BACKLOG: usize = 4096;
+
+/// Counts, for server info and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub locks: usize,
+    pub holders: usize,
+    pub waiters: usize,
+    /// Lock requests open (held or waiting), as `--max-holds` counts them.
+    pub holds: usize,
+}
