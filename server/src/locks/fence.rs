@@ -12,6 +12,15 @@
 //! A process that keeps a counter locked delays only that name. `.padlock/`
 //! is 0700 and its files 0600, so only padlockd's own user can open them.
 //!
+//! The same directory carries the **announcements** that keep padlockd
+//! processes sharing a lock directory fair to each other: a process whose
+//! waiters are blocked by a holder outside it keeps a shared flock on
+//! `.padlock/wanted/<kind>/<name>.want` (see [`Fences::announce`]); a
+//! process about to hand a lock from one of its holders to the next of its
+//! own waiters first looks for such an announcement
+//! ([`Fences::is_wanted`]) and, if there is one, leaves the lock free for a
+//! moment so the other process can take it.
+//!
 //! Writing without `fsync` keeps a grant at a few microseconds; the page
 //! cache survives a crash of padlockd, but not of the machine. For that,
 //! every start bumps a **generation** in `.padlock/generation` and fsyncs
@@ -53,6 +62,7 @@ pub enum FenceError {
 /// The fence counters of one lock directory.
 pub struct Fences {
     root: Root,
+    wanted: Root,
     generation: u64,
 }
 
@@ -81,8 +91,42 @@ impl Fences {
         rustix::fs::fsync(state.fd())?;
         Ok(Fences {
             root: state.private_subdir("fences")?,
+            wanted: state.private_subdir("wanted")?,
             generation,
         })
+    }
+
+    /// Says to other padlockd processes on this directory that this one
+    /// has waiters for `kind`/`name` blocked by a holder outside it: a
+    /// shared flock on the name's `.want` file, held until the returned
+    /// descriptor is closed. `None` when it cannot be taken (the note is a
+    /// courtesy; nothing depends on it).
+    pub fn announce(&self, kind: &str, name: &str) -> Option<OwnedFd> {
+        let fd = self.want_file(kind, name)?;
+        flock(&fd, FlockOperation::NonBlockingLockShared).ok()?;
+        Some(fd)
+    }
+
+    /// Does another process announce waiters for `kind`/`name`? (An
+    /// exclusive flock on the `.want` file cannot be had while any holds
+    /// it shared.) Never blocks.
+    pub fn is_wanted(&self, kind: &str, name: &str) -> bool {
+        let Some(fd) = self.want_file(kind, name) else {
+            return false;
+        };
+        matches!(
+            flock(&fd, FlockOperation::NonBlockingLockExclusive),
+            Err(Errno::WOULDBLOCK)
+        )
+    }
+
+    fn want_file(&self, kind: &str, name: &str) -> Option<OwnedFd> {
+        let mut path = format!("{kind}/{}", counter_path(name));
+        path.truncate(path.len() - ".fence".len());
+        path.push_str(".want");
+        self.wanted
+            .open_file(&path, OFlags::RDONLY, PRIVATE_FILE)
+            .ok()
     }
 
     /// This process's generation.
@@ -213,6 +257,23 @@ mod tests {
         drop(a);
         let b = Fences::open(&state(dir.path())).unwrap();
         assert!(b.next("file", "n").unwrap() > before);
+    }
+
+    #[test]
+    fn announcements_are_seen_by_others_only_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Fences::open(&state(dir.path())).unwrap();
+        let b = Fences::open(&state(dir.path())).unwrap();
+        assert!(!b.is_wanted("file", "x/y"));
+        let note = a.announce("file", "x/y").unwrap();
+        let again = a.announce("file", "x/y").unwrap();
+        assert!(b.is_wanted("file", "x/y"));
+        assert!(!b.is_wanted("file", "x/z"));
+        assert!(!b.is_wanted("semaphore", "x/y"));
+        drop(note);
+        assert!(b.is_wanted("file", "x/y"), "one announcement is left");
+        drop(again);
+        assert!(!b.is_wanted("file", "x/y"));
     }
 
     #[test]

@@ -23,6 +23,16 @@
 //! shutdown. File attempts never block (see [`crate::kinds::fs`]); Redis
 //! attempts are network round trips and run as tasks.
 //!
+//! **Fair to other processes.** Two padlockd sharing a lock directory (or
+//! one with its own busy queue) would otherwise starve each other: a local
+//! handoff happens in microseconds, an outside waiter polls every few
+//! milliseconds and always finds the lock taken. So a process whose head
+//! is blocked by an outside holder announces it (a shared flock in
+//! `.padlock/wanted/`, see [`fence::Fences::announce`]) and polls faster,
+//! and a process about to hand a lock to its next local waiter first looks
+//! for such an announcement and, when there is one, leaves the lock free
+//! for [`YIELD_WINDOW`]: processes with waiters take turns.
+//!
 //! Transports (gRPC, HTTP) talk to the table through [`LockTable::acquire`]
 //! and the [`Ticket`] it returns: the ticket receives [`Notice`]s, and
 //! dropping it leaves the queue or releases the lock.
@@ -46,6 +56,12 @@ use std::time::{Duration, SystemTime};
 /// about this long.
 pub const RETRY_CAP: Duration = Duration::from_millis(20);
 const RETRY_FIRST: Duration = Duration::from_millis(1);
+/// The backoff cap while this process announces its blocked waiters to the
+/// others: it polls faster so that it notices a lock left free for it.
+pub const ANNOUNCED_RETRY_CAP: Duration = Duration::from_millis(2);
+/// How long a process leaves a lock free, at a handoff, for another process
+/// that announced waiters (several of its polls).
+pub const YIELD_WINDOW: Duration = Duration::from_millis(6);
 
 /// Locks are ordered by name, then kind, so that lists come in pages.
 type Key = (Arc<str>, Kind);
@@ -93,6 +109,11 @@ struct Lock {
     /// blocks the head of the queue (0: none), and its next delay.
     retry_task: u64,
     backoff: Duration,
+    /// This process's announcement that its head is blocked by a holder
+    /// outside it (file and semaphore kinds).
+    announced: Option<std::os::fd::OwnedFd>,
+    /// The lock is left free for another process until then.
+    yield_until: Option<tokio::time::Instant>,
 }
 
 impl Lock {
@@ -105,6 +126,8 @@ impl Lock {
             repump: false,
             retry_task: 0,
             backoff: RETRY_FIRST,
+            announced: None,
+            yield_until: None,
         }
     }
 
@@ -156,13 +179,19 @@ struct Job {
     limit: u32,
     own_slots: Vec<u32>,
     try_once: bool,
+    /// A holder of this process just left: look for other processes'
+    /// announced waiters before handing the lock on.
+    handoff: bool,
 }
 
 /// How an attempt ended.
 enum Outcome {
     Taken(Held, u64),
-    /// Someone outside this server holds it.
-    Busy,
+    /// Someone outside this server holds it; with this process's
+    /// announcement of its blocked waiter, when one could be made.
+    Busy(Option<std::os::fd::OwnedFd>),
+    /// Another process announced waiters: the lock is left free for it.
+    Yield,
     Contend(Contention),
     Failed(LockError),
 }
@@ -173,6 +202,8 @@ enum Next {
     Again,
     /// An outside holder blocks the head: a retry task runs.
     Blocked,
+    /// The lock is left to another process for a moment: a retry runs.
+    Yielded,
     Done,
 }
 
@@ -181,12 +212,23 @@ enum Next {
 #[derive(Default)]
 struct After {
     release: Vec<Held>,
+    close: Vec<std::os::fd::OwnedFd>,
     tell: Vec<(mailbox::Sender, Notice)>,
 }
 
 impl After {
+    /// Lets go of whatever an attempt that no longer counts took.
+    fn drop_outcome(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Taken(held, _) => self.release.push(held),
+            Outcome::Busy(Some(note)) => self.close.push(note),
+            _ => {}
+        }
+    }
+
     fn finish(self) {
         drop(self.release);
+        drop(self.close);
         for (tx, notice) in self.tell {
             let _ = tx.send(notice);
         }
@@ -379,7 +421,7 @@ impl LockTable {
             _quota: quota,
             placed: true,
         };
-        self.pump(&key);
+        self.pump(&key, false);
 
         let mut st = self.state();
         let Some(lock) = st.locks.get_mut(&key) else {
@@ -424,23 +466,29 @@ impl LockTable {
 
     /// Grants the head of the queue for as long as it can be granted,
     /// running each attempt outside the mutex, and starts a retry task
-    /// when a holder outside this server blocks the head.
-    fn pump(&self, key: &Key) {
+    /// when a holder outside this server blocks the head. `handoff`: a
+    /// holder of this process just left.
+    fn pump(&self, key: &Key, mut handoff: bool) {
         loop {
-            let job = {
+            let (job, own_note) = {
                 let mut st = self.state();
-                match next_job(&mut st, key) {
-                    Some(job) => job,
-                    None => return,
+                match next_job(&mut st, key, handoff) {
+                    Pick::Try(job, own_note) => (job, own_note),
+                    Pick::Later(delay) => return self.ensure_retry(&mut st, key, Some(delay)),
+                    Pick::Nothing => return,
                 }
             };
+            drop(own_note);
+            handoff = false;
             let outcome = self.attempt(key, &job);
             let mut after = After::default();
             let next = {
                 let mut st = self.state();
                 let next = self.commit(&mut st, key, &job, outcome, &mut after);
-                if matches!(next, Next::Blocked) {
-                    self.ensure_retry(&mut st, key);
+                match next {
+                    Next::Blocked => self.ensure_retry(&mut st, key, None),
+                    Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_WINDOW)),
+                    Next::Again | Next::Done => {}
                 }
                 forget_if_idle(&mut st, key);
                 next
@@ -460,6 +508,12 @@ impl LockTable {
                 key.1.as_str()
             )));
         };
+        // Lock files are shared with other processes: take turns with
+        // those that announced waiters.
+        let on_disk = matches!(key.1, Kind::File | Kind::Semaphore);
+        if job.handoff && on_disk && self.shared.fences.is_wanted(key.1.as_str(), &key.0) {
+            return Outcome::Yield;
+        }
         let request = Request {
             name: &key.0,
             mode: job.mode,
@@ -470,7 +524,10 @@ impl LockTable {
         };
         match kind.try_acquire(request) {
             Ok(Attempt::Taken(held)) => self.with_fence(key, held),
-            Ok(Attempt::Busy) => Outcome::Busy,
+            Ok(Attempt::Busy) if on_disk && !job.try_once => {
+                Outcome::Busy(self.shared.fences.announce(key.1.as_str(), &key.0))
+            }
+            Ok(Attempt::Busy) => Outcome::Busy(None),
             Ok(Attempt::Contend(contention)) => Outcome::Contend(contention),
             Err(err) => Outcome::Failed(err),
         }
@@ -486,7 +543,7 @@ impl LockTable {
         match self.shared.fences.next(key.1.as_str(), &key.0) {
             Ok(fence) => Outcome::Taken(held, fence),
             // Another process has the counter locked: let go, retry soon.
-            Err(fence::FenceError::Busy) => Outcome::Busy,
+            Err(fence::FenceError::Busy) => Outcome::Busy(None),
             Err(err) => Outcome::Failed(LockError::Backend(format!(
                 "cannot advance the fence counter: {err}"
             ))),
@@ -504,15 +561,11 @@ impl LockTable {
     ) -> Next {
         let Some(lock) = st.locks.get_mut(key) else {
             // Drained meanwhile.
-            if let Outcome::Taken(held, _) = outcome {
-                after.release.push(held);
-            }
+            after.drop_outcome(outcome);
             return Next::Done;
         };
         if lock.attempt.as_ref().is_none_or(|a| a.id != job.id) {
-            if let Outcome::Taken(held, _) = outcome {
-                after.release.push(held);
-            }
+            after.drop_outcome(outcome);
             return Next::Done;
         }
         if let Outcome::Contend(contention) = outcome {
@@ -526,10 +579,22 @@ impl LockTable {
         lock.attempt = None;
         let repump = std::mem::take(&mut lock.repump);
         let is_head = lock.waiters.front().is_some_and(|w| w.id == job.id);
+        if let Outcome::Busy(Some(note)) = outcome {
+            // Keep one announcement while the head stays blocked.
+            if is_head && lock.announced.is_none() {
+                lock.announced = Some(note);
+            } else {
+                after.close.push(note);
+            }
+            return self.commit_busy(key, lock, job, (is_head, repump), after);
+        }
         match outcome {
             Outcome::Taken(held, fence) if is_head && held.is_alive() => {
                 let entry = lock.waiters.pop_front().expect("head exists");
                 lock.backoff = RETRY_FIRST;
+                if let Some(note) = lock.announced.take() {
+                    after.close.push(note);
+                }
                 self.grant(key, lock, entry, held, fence, after);
                 Next::Again
             }
@@ -539,17 +604,12 @@ impl LockTable {
                 after.release.push(held);
                 Next::Again
             }
-            Outcome::Busy if is_head && job.try_once => {
-                let err = LockError::NotAcquired {
-                    name: name::printable(&key.0),
-                    holders: lock.holders.len(),
-                    waited: Duration::ZERO,
-                };
-                self.fail_head(key, lock, err, after);
-                Next::Again
+            Outcome::Busy(_) => self.commit_busy(key, lock, job, (is_head, repump), after),
+            Outcome::Yield if is_head && !repump => {
+                lock.yield_until = tokio::time::Instant::now().checked_add(YIELD_WINDOW);
+                Next::Yielded
             }
-            Outcome::Busy if is_head && !repump => Next::Blocked,
-            Outcome::Busy => Next::Again,
+            Outcome::Yield => Next::Again,
             Outcome::Failed(err) if is_head => {
                 self.fail_head(key, lock, err, after);
                 Next::Again
@@ -557,6 +617,30 @@ impl LockTable {
             Outcome::Failed(_) => Next::Again,
             Outcome::Contend(_) => unreachable!("handled above"),
         }
+    }
+
+    /// The head was found blocked by a holder outside this process.
+    fn commit_busy(
+        &self,
+        key: &Key,
+        lock: &mut Lock,
+        job: &Job,
+        (is_head, repump): (bool, bool),
+        after: &mut After,
+    ) -> Next {
+        if !is_head {
+            return Next::Again;
+        }
+        if job.try_once {
+            let err = LockError::NotAcquired {
+                name: name::printable(&key.0),
+                holders: lock.holders.len(),
+                waited: Duration::ZERO,
+            };
+            self.fail_head(key, lock, err, after);
+            return Next::Again;
+        }
+        if repump { Next::Again } else { Next::Blocked }
     }
 
     /// Makes `entry` a holder of `lock` with `held`, and tells it so.
@@ -645,6 +729,7 @@ impl LockTable {
             limit: 0,
             own_slots: Vec::new(),
             try_once: false,
+            handoff: false,
         };
         let outcome = match outcome {
             Ok(held) => self.with_fence(key, held),
@@ -666,25 +751,34 @@ impl LockTable {
         // A contention that ended Busy (fence counter) is retried like any
         // other: the head is attempted again below.
         let next = self.commit(&mut st, key, &job, outcome, &mut after);
-        if matches!(next, Next::Blocked) {
-            self.ensure_retry(&mut st, key);
+        match next {
+            Next::Blocked => self.ensure_retry(&mut st, key, None),
+            Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_WINDOW)),
+            Next::Again | Next::Done => {}
         }
         forget_if_idle(&mut st, key);
         drop(st);
         after.finish();
-        self.pump(key);
+        self.pump(key, false);
     }
 
     /// Makes sure a task retries `key` while an outside holder blocks it.
-    fn ensure_retry(&self, st: &mut State, key: &Key) {
+    /// `delay`: when to retry (default: the lock's backoff, which grows).
+    fn ensure_retry(&self, st: &mut State, key: &Key, delay: Option<Duration>) {
         let task_id = st.next_id;
         let Some(lock) = st.locks.get_mut(key).filter(|l| l.retry_task == 0) else {
             return;
         };
         st.next_id += 1;
         lock.retry_task = task_id;
-        let delay = lock.backoff;
-        lock.backoff = (lock.backoff * 2).min(RETRY_CAP);
+        // While this process announces its waiters, it polls faster.
+        let cap = if lock.announced.is_some() {
+            ANNOUNCED_RETRY_CAP
+        } else {
+            RETRY_CAP
+        };
+        let delay = delay.unwrap_or(lock.backoff.min(cap));
+        lock.backoff = (lock.backoff * 2).min(cap);
         let table = Arc::downgrade(&self.shared);
         let key = key.clone();
         tokio::spawn(async move {
@@ -701,7 +795,7 @@ impl LockTable {
                 }
             }
             // Blocked again: the pump starts the next retry, later.
-            table.pump(&key);
+            table.pump(&key, false);
         });
     }
 
@@ -714,14 +808,14 @@ impl LockTable {
             let Some(lock) = st.locks.get_mut(key) else {
                 return;
             };
-            let mut pump = false;
+            let mut pump = None;
             if let Some(i) = lock.holders.iter().position(|h| h.entry.id == id) {
                 let holder = lock.holders.swap_remove(i);
                 let held_for = elapsed(holder.entry.since);
                 // Dropping `held` (after the mutex) releases the flock.
                 after.release.push(holder.held);
                 self.emit(key, id, EventKind::Released { held: held_for });
-                pump = true;
+                pump = Some(true); // a handoff
             } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
                 if let Some(task) = lock
                     .attempt
@@ -739,14 +833,14 @@ impl LockTable {
                     },
                 );
                 // A new head may be grantable (e.g. readers behind a writer).
-                pump = i == 0;
+                pump = (i == 0).then_some(false);
             }
             forget_if_idle(&mut st, key);
             pump
         };
         after.finish();
-        if pump {
-            self.pump(key);
+        if let Some(handoff) = pump {
+            self.pump(key, handoff);
         }
     }
 
@@ -788,7 +882,7 @@ impl LockTable {
             after.tell.push((entry.tx, notice));
         }
         after.finish();
-        self.pump(&key);
+        self.pump(&key, true);
         true
     }
 
@@ -897,16 +991,39 @@ impl LockTable {
 
 /// Marks the head of the queue of `key` as attempted and says how to try
 /// it; `None` when there is nothing to try now.
-fn next_job(st: &mut State, key: &Key) -> Option<Job> {
-    let lock = st.locks.get_mut(key)?;
+/// What to do next for the head of a queue.
+enum Pick {
+    /// Try it (and, at a handoff, withdraw this process's own
+    /// announcement first, before the attempt looks for others').
+    Try(Job, Option<std::os::fd::OwnedFd>),
+    /// The lock is left free for another process: try again after this.
+    Later(Duration),
+    Nothing,
+}
+
+/// Marks the head of the queue of `key` as attempted and says how to try
+/// it.
+fn next_job(st: &mut State, key: &Key, handoff: bool) -> Pick {
+    let Some(lock) = st.locks.get_mut(key) else {
+        return Pick::Nothing;
+    };
     if lock.attempt.is_some() {
         // The attempt's owner looks again when it is done.
         lock.repump = true;
-        return None;
+        return Pick::Nothing;
     }
-    let head = lock.waiters.front()?;
+    let Some(head) = lock.waiters.front() else {
+        return Pick::Nothing;
+    };
     if !lock.admits(key.1, head.mode) {
-        return None;
+        return Pick::Nothing;
+    }
+    if let Some(until) = lock.yield_until {
+        let now = tokio::time::Instant::now();
+        if now < until {
+            return Pick::Later(until - now);
+        }
+        lock.yield_until = None;
     }
     let job = Job {
         id: head.id,
@@ -914,13 +1031,15 @@ fn next_job(st: &mut State, key: &Key) -> Option<Job> {
         limit: lock.limit,
         own_slots: lock.holders.iter().filter_map(|h| h.held.slot).collect(),
         try_once: head.try_once,
+        handoff,
     };
     lock.attempt = Some(Attempting {
         id: head.id,
         task: None,
     });
     lock.repump = false;
-    Some(job)
+    let own_note = if handoff { lock.announced.take() } else { None };
+    Pick::Try(job, own_note)
 }
 
 fn forget_if_idle(st: &mut State, key: &Key) {

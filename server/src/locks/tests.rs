@@ -273,3 +273,47 @@ async fn events_follow_queue_grant_release() {
     let expected: Vec<(u64, String)> = expected.iter().map(|(i, s)| (*i, s.to_string())).collect();
     assert_eq!(seen, expected);
 }
+
+#[tokio::test]
+async fn processes_sharing_a_directory_take_turns() {
+    // Two tables on one directory stand for two padlockd processes.
+    let dir = tempfile::tempdir().unwrap();
+    let a = table(dir.path(), Limits::default());
+    let b = table(dir.path(), Limits::default());
+    let mut a1 = a.acquire(req("busy", Mode::Exclusive)).unwrap();
+    assert!(granted(&mut a1).is_some());
+    let mut a2 = a.acquire(req("busy", Mode::Exclusive)).unwrap();
+    let mut b1 = b.acquire(req("busy", Mode::Exclusive)).unwrap();
+    assert!(granted(&mut b1).is_none(), "a holds it");
+    // a hands over: b announced its waiter, so a leaves the lock free and
+    // b's next poll takes it, before a's own next waiter.
+    drop(a1);
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match b1.notices.recv().await {
+                Some(Notice::Granted(g)) => return g,
+                Some(Notice::Queued { .. }) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("b granted at a's handoff");
+    assert!(got.fence > 0);
+    assert!(granted(&mut a2).is_none(), "a's next waiter waits its turn");
+    // And back: a's waiter is now blocked by b, announced, and served at
+    // b's release.
+    drop(b1);
+    let back = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match a2.notices.recv().await {
+                Some(Notice::Granted(g)) => return g,
+                Some(Notice::Queued { .. }) => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a's waiter granted after b's release");
+    assert!(back.fence > got.fence);
+}
