@@ -82,7 +82,7 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Most locks (names with holders or waiters) tracked at once.
-    #[arg(long, env = "PADLOCK_MAX_LOCKS", default_value_t = 20_000)]
+    #[arg(long, env = "PADLOCK_MAX_LOCKS", default_value_t = 10_000)]
     pub max_locks: usize,
 
     /// Most lock requests open at once in the whole server, held or

@@ -108,7 +108,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     warn_about_descriptors(&fds, &config);
     let table = LockTable::new(kinds, fences, limits);
-    let metrics = crate::http::Metrics::install(&table);
+    let metrics = crate::http::Metrics::install(&table, fds.clone());
     let admin = match &config.admin_token_file {
         Some(path) => crate::http::Admin::from_file(path)?,
         None => crate::http::Admin::disabled(),
@@ -311,14 +311,10 @@ fn warn_about_descriptors(fds: &Descriptors, config: &Config) {
     let locks = config.max_locks.min(config.max_holds);
     if locks > fds.budget {
         tracing::warn!(
-            limit = fds.limit,
-            reserve = fds.reserve,
-            budget = fds.budget,
-            max_locks = config.max_locks,
-            max_holds = config.max_holds,
-            "locks can use {} file descriptors (RLIMIT_NOFILE {} less {} kept for connections), \
-             fewer than --max-locks/--max-holds allow: grants past that get RESOURCE_EXHAUSTED; \
-             raise the hard limit (ulimit -Hn, systemd LimitNOFILE) or lower the caps",
+            "--max-locks {} is more than the {} file descriptors locks may use (RLIMIT_NOFILE {} \
+             less {} kept for connections): grants past them get RESOURCE_EXHAUSTED; raise the \
+             hard limit (ulimit -Hn, LimitNOFILE) or lower --max-locks",
+            config.max_locks,
             fds.budget,
             fds.limit,
             fds.reserve,

@@ -138,6 +138,8 @@ pub struct Metrics {
     /// Open connections, idle ones closed, request timeouts; counted
     /// where connections are served.
     pub connections: Arc<crate::serve::ConnectionStats>,
+    /// The descriptors locks may use, and use.
+    descriptors: std::sync::OnceLock<Arc<crate::fds::Descriptors>>,
 }
 
 impl Metrics {
@@ -158,14 +160,16 @@ impl Metrics {
             grpc_auth_failures: AtomicU64::new(0),
             tls_handshake_failures: Arc::default(),
             connections: Arc::default(),
+            descriptors: std::sync::OnceLock::new(),
         }
     }
 
     /// Creates the metrics and makes `table` feed them. Only one observer
     /// can be installed per table; a second call returns metrics that stay
     /// at zero, and logs why.
-    pub fn install(table: &LockTable) -> Arc<Metrics> {
+    pub fn install(table: &LockTable, descriptors: Arc<crate::fds::Descriptors>) -> Arc<Metrics> {
         let metrics = Arc::new(Metrics::new());
+        let _ = metrics.descriptors.set(descriptors);
         let observer = metrics.clone();
         if !table.observe(Arc::new(move |event: &Event| observer.record(event))) {
             tracing::error!("the lock table already has an observer; metrics will stay at zero");
@@ -315,6 +319,23 @@ impl Metrics {
         let connections = self.connections.open.load(Relaxed);
         let idle_closed = self.connections.idle_closed.load(Relaxed);
         let request_timeouts = self.connections.request_timeouts.load(Relaxed);
+        if let Some(fds) = self.descriptors.get() {
+            let _ = write!(
+                out,
+                "# HELP padlock_lock_descriptors File descriptors held locks use (files, Redis connections).\n\
+                 # TYPE padlock_lock_descriptors gauge\npadlock_lock_descriptors {}\n\
+                 # HELP padlock_lock_descriptors_limit Descriptors locks may use: RLIMIT_NOFILE less a reserve for connections.\n\
+                 # TYPE padlock_lock_descriptors_limit gauge\npadlock_lock_descriptors_limit {}\n",
+                fds.used(),
+                fds.budget
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP padlock_holds Lock requests open, held or waiting (capped by --max-holds).\n\
+             # TYPE padlock_holds gauge\npadlock_holds {}\n",
+            totals.holds
+        );
         let _ = write!(
             out,
             "# HELP padlock_locks Locks with holders or waiters.\n# TYPE padlock_locks gauge\n\

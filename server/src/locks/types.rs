@@ -104,7 +104,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_locks: 20_000,
+            max_locks: 10_000,
             max_waiters_per_lock: 10_000,
             max_semaphore_limit: 1024,
             max_holds: 20_000,

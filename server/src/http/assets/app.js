@@ -136,17 +136,22 @@ function visible(lock) {
   return !state.filter || lock.name.toLowerCase().includes(state.filter);
 }
 
+// Lists show the first holders and waiters of each lock; the totals count all.
+const holdersOf = (lock) => lock.holders_total ?? lock.holders.length;
+const waitersOf = (lock) => lock.waiters_total ?? lock.waiters.length;
+
 function summary(lock) {
+  const holders = holdersOf(lock);
   const held = lock.kind === 'semaphore'
-    ? `${lock.holders.length}/${lock.limit} slots`
-    : `${lock.holders.length} holder${lock.holders.length === 1 ? '' : 's'}`;
-  const waiting = lock.waiters.length;
+    ? `${holders}/${lock.limit} slots`
+    : `${holders} holder${holders === 1 ? '' : 's'}`;
+  const waiting = waitersOf(lock);
   return el('span', { class: 'summary' }, held, ' · ',
     el('span', { class: waiting > 0 ? 'waiting-count' : '', text: `${waiting} waiting` }));
 }
 
 function lockHeader(lock) {
-  const busy = lock.waiters.length > 0 ? ' busy' : '';
+  const busy = waitersOf(lock) > 0 ? ' busy' : '';
   return el('tr', { class: `lock${busy}` },
     el('th', { colspan: 8, scope: 'rowgroup' },
       el('span', { class: `kind k-${lock.kind}`, text: lock.kind }),
@@ -208,6 +213,11 @@ function render() {
     const body = el('tbody', { 'data-lock': lock.name, 'data-kind': lock.kind }, lockHeader(lock));
     for (const holder of lock.holders) body.append(holderRow(lock, holder));
     for (const waiter of lock.waiters) body.append(waiterRow(lock, waiter));
+    const unlisted = holdersOf(lock) - lock.holders.length + waitersOf(lock) - lock.waiters.length;
+    if (unlisted > 0) {
+      body.append(el('tr', { class: 'more' },
+        el('td', { colspan: 8, text: `… and ${unlisted} more (padlock show ${lock.name})` })));
+    }
     table.append(body);
   }
   table.hidden = shown.length === 0;
@@ -224,8 +234,8 @@ function render() {
   note.textContent = notes.join(' ');
   note.hidden = notes.length === 0;
 
-  const holders = state.locks.reduce((n, l) => n + l.holders.length, 0);
-  const waiters = state.locks.reduce((n, l) => n + l.waiters.length, 0);
+  const holders = state.locks.reduce((n, l) => n + holdersOf(l), 0);
+  const waiters = state.locks.reduce((n, l) => n + waitersOf(l), 0);
   const totals = $('totals');
   totals.replaceChildren(
     stat(state.locks.length, state.locks.length === 1 ? 'lock' : 'locks'),
