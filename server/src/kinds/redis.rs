@@ -345,13 +345,21 @@ impl Inner {
                 name_and_subscribe(stream, client_name, channels),
             )
         };
-        let stream = match handshake(stream).await {
+        let first = handshake(stream).await;
+        // A pooled connection may have died while idle: once more on a
+        // fresh one (not when Redis answered and refused).
+        let dead = match &first {
+            Ok(Err(e)) => e.is_io_error(),
+            Err(_) => true,
+            Ok(Ok(_)) => false,
+        };
+        let done = if pooled && dead {
+            handshake(self.connect().await?).await
+        } else {
+            first
+        };
+        let stream = match done {
             Ok(Ok(stream)) => stream,
-            // A pooled connection may have died while idle: once more on a
-            // fresh one.
-            _ if pooled => handshake(self.connect().await?)
-                .await
-                .map_err(|_| io_error("Redis did not confirm a subscription"))??,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(io_error("Redis did not confirm a subscription").into()),
         };
