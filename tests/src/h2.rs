@@ -33,6 +33,7 @@ pub const ACK: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
 pub const PADDED: u8 = 0x8;
 pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 pub const REFUSED_STREAM: u32 = 0x7;
 pub const STREAM_CLOSED: u32 = 0x5;
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -227,11 +228,29 @@ impl RawH2 {
     /// Preface and empty SETTINGS; returns the server's SETTINGS (id, value)
     /// after acknowledging them.
     pub async fn handshake(&mut self) -> Vec<(u16, u32)> {
+        self.handshake_with(&[]).await
+    }
+
+    /// The handshake, announcing an initial stream window of `window`
+    /// bytes: with 0 the server can send no response body at all (a client
+    /// that never reads).
+    pub async fn handshake_with_window(&mut self, window: u32) -> Vec<(u16, u32)> {
+        let mut setting = SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        setting.extend_from_slice(&window.to_be_bytes());
+        self.handshake_with(&setting).await
+    }
+
+    /// Uses `authority` as `:authority` of the requests it opens.
+    pub fn set_authority(&mut self, authority: &str) {
+        self.authority = authority.to_string();
+    }
+
+    async fn handshake_with(&mut self, our_settings: &[u8]) -> Vec<(u16, u32)> {
         let write = self.tcp.write_all(PREFACE);
         guarded("write the preface", write)
             .await
             .expect("write the preface");
-        self.write_frame(SETTINGS, 0, 0, &[]).await;
+        self.write_frame(SETTINGS, 0, 0, our_settings).await;
         let settings = loop {
             let frame = self.next_frame().await;
             match frame.kind {
@@ -279,6 +298,23 @@ impl RawH2 {
         }
         let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
         self.write_frame(HEADERS, flags, stream, &block).await;
+    }
+
+    /// Opens `stream` with a complete GET request for `path`.
+    pub async fn open_get(&mut self, stream: u32, path: &str) {
+        let mut block = Vec::new();
+        for (field, value) in [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", self.authority.as_str()),
+        ] {
+            block.push(0x00);
+            hpack_string(&mut block, field);
+            hpack_string(&mut block, value);
+        }
+        self.write_frame(HEADERS, END_HEADERS | END_STREAM, stream, &block)
+            .await;
     }
 
     /// Sends one gRPC message (uncompressed) on `stream` in a DATA frame.

@@ -1,0 +1,267 @@
+//! The redis kind under faults that once wedged a name or misinformed a
+//! holder (issue 9, B): a failed attempt must leave no subscription
+//! behind, a holder reaped while padlockd was paused is told `Lost` even
+//! when it releases, and names or backends Redis refuses cost a bounded
+//! number of connections.
+
+use padlock::{Error, Kind, LostReason};
+use padlock_e2e::{
+    RedisServer, Server, assert_unharmed, eventually, redis_opted_out, until_waiters,
+};
+use std::io::{BufRead, BufReader, Write};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const GUARD: Duration = Duration::from_secs(30);
+
+fn padlockd_on(redis: &RedisServer) -> Server {
+    Server::start_with_args(&["--redis-url", &redis.url])
+}
+
+fn numsub(redis: &RedisServer, channel: &str) -> u64 {
+    let reply = redis.command(&["PUBSUB", "NUMSUB", channel]);
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A subscriber that never answers pings (`redis-cli SUBSCRIBE NAME`).
+fn silent_subscriber(redis: &RedisServer, channel: &str) -> std::net::TcpStream {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    write!(
+        conn,
+        "*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{channel}\r\n",
+        channel.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    // *3, $9, subscribe, $n, channel, :1
+    for _ in 0..6 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    assert_eq!(line.trim(), ":1");
+    conn
+}
+
+/// Redis stops while a waiter contends against a subscriber that never
+/// answers: the attempt fails, the waiter times out, the subscriber goes.
+/// Nothing of the waiter may stay subscribed, so the name is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_leaves_no_subscription_behind() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    let subscriber = silent_subscriber(&redis, "zr");
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .lock("zr")
+                .redis()
+                .wait(Duration::from_secs(8))
+                .acquire()
+                .await
+        })
+    };
+    eventually("the waiter subscribes", GUARD, async || {
+        (numsub(&redis, "zr") == 2).then_some(())
+    })
+    .await;
+    // The fault: Redis stops for 4 s mid-attempt.
+    redis.pause(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis.pause(false);
+    let result = tokio::time::timeout(GUARD, waiter).await.unwrap().unwrap();
+    assert!(result.is_err(), "granted past a silent subscriber?");
+    drop(subscriber);
+    eventually("no subscription left on zr", GUARD, async || {
+        (numsub(&redis, "zr") == 0).then_some(())
+    })
+    .await;
+    let guard = eventually("zr can be taken again", GUARD, async || {
+        client
+            .lock("zr")
+            .redis()
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+            .ok()
+    })
+    .await;
+    assert!(guard.fence() > 0);
+}
+
+/// padlockd A is paused while its client holds a redis lock; B reaps A's
+/// silent subscription and grants the lock. The holder's Release reached
+/// A while it was paused: when A resumes it must answer `Lost{backend}`,
+/// not `Released`, because others held the lock meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_after_being_reaped_is_a_loss() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = padlockd_on(&redis);
+    let b = padlockd_on(&redis);
+    let holder = a
+        .client()
+        .await
+        .lock("reaped")
+        .redis()
+        .acquire()
+        .await
+        .unwrap();
+    let b_client = b.client().await;
+    let waiter = {
+        let client = b.client().await;
+        tokio::spawn(async move { client.lock("reaped").redis().acquire().await })
+    };
+    until_waiters(&b_client, "reaped", Kind::Redis, 1).await;
+
+    a.signal(rustix::process::Signal::STOP);
+    // The holder releases while A cannot answer.
+    let release = tokio::spawn(holder.release());
+    let granted = tokio::time::timeout(GUARD, waiter)
+        .await
+        .expect("B reaps the paused holder and grants")
+        .unwrap()
+        .unwrap();
+    a.signal(rustix::process::Signal::CONT);
+    let released = tokio::time::timeout(GUARD, release)
+        .await
+        .expect("A answers once resumed")
+        .unwrap();
+    match released {
+        Err(Error::Lost(lost)) => {
+            assert_eq!(lost.reason, LostReason::Backend, "{lost}");
+            eprintln!("the reaped holder was told: {lost}");
+        }
+        other => panic!("a reaped holder's release must be a loss, got {other:?}"),
+    }
+    drop(granted);
+    assert_unharmed(&a).await;
+}
+
+/// A holder still holding when its paused padlockd resumes is told at
+/// once (this held before; kept as the companion of the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_reaped_while_paused_is_told_on_resume() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = padlockd_on(&redis);
+    let b = padlockd_on(&redis);
+    let holder = a
+        .client()
+        .await
+        .lock("reaped2")
+        .redis()
+        .acquire()
+        .await
+        .unwrap();
+    let b_client = b.client().await;
+    let waiter = {
+        let client = b.client().await;
+        tokio::spawn(async move { client.lock("reaped2").redis().acquire().await })
+    };
+    until_waiters(&b_client, "reaped2", Kind::Redis, 1).await;
+    a.signal(rustix::process::Signal::STOP);
+    let granted = tokio::time::timeout(GUARD, waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let resumed = Instant::now();
+    a.signal(rustix::process::Signal::CONT);
+    let lost = tokio::time::timeout(GUARD, holder.lost()).await.unwrap();
+    assert_eq!(lost.reason, LostReason::Backend, "{lost}");
+    eprintln!("told {:?} after SIGCONT", resumed.elapsed());
+    assert!(granted.fence() > holder.fence());
+}
+
+/// Names Redis refuses in a connection name are refused up front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_redis_cannot_use_are_refused_up_front() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let server = padlockd_on(&redis);
+    let client = server.client().await;
+    for name in ["a b", "ünï", "x\u{a0}y"] {
+        let refused = client
+            .lock(name)
+            .redis()
+            .wait(Duration::from_secs(5))
+            .acquire()
+            .await;
+        match refused {
+            Err(Error::Status(s)) => {
+                assert_eq!(s.code(), Code::InvalidArgument, "{name:?}: {}", s.message());
+                assert!(s.message().contains("printable ASCII"), "{}", s.message());
+            }
+            other => panic!("{name:?}: expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+    assert_unharmed(&server).await;
+}
+
+/// A backend that refuses every attempt (an ACL without the channel)
+/// costs each waiter a bounded number of connections, not a storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_backend_costs_few_connections() {
+    if redis_opted_out() {
+        return;
+    }
+    let redis =
+        RedisServer::start_with(&["--user", "padlock", "on", ">pw", "~*", "&allowed*", "+@all"]);
+    let url = format!("redis://padlock:pw@127.0.0.1:{}", redis.port);
+    let server = Server::start_with_args(&["--redis-url", &url]);
+    let client = server.client().await;
+    let allowed = client.lock("allowed/x").redis().acquire().await.unwrap();
+
+    let connections = || -> u64 {
+        let info = redis.command(&["INFO", "stats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    const WAITERS: u64 = 5;
+    let before = connections();
+    let started = Instant::now();
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .lock(format!("forbidden/{i}"))
+                    .redis()
+                    .wait(Duration::from_secs(6))
+                    .acquire()
+                    .await
+            })
+        })
+        .collect();
+    for waiter in waiters {
+        let result = tokio::time::timeout(GUARD, waiter).await.unwrap().unwrap();
+        assert!(matches!(result, Err(Error::NotAcquired(_))), "{result:?}");
+    }
+    let made = connections() - before;
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = made as f64 / WAITERS as f64 / seconds;
+    eprintln!(
+        "{made} connections in {seconds:.1} s for {WAITERS} waiters: {rate:.2} per waiter per second"
+    );
+    assert!(rate < 3.0, "{rate:.2} connections per waiter per second");
+    assert!(allowed.is_held());
+    assert_unharmed(&server).await;
+}
