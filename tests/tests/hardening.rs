@@ -936,15 +936,8 @@ async fn padlockd_processes_on_one_directory_take_turns() {
         let client = b.client().await;
         tokio::spawn(async move { client.lock("turns").acquire().await })
     };
+    // Queued on b means b has found the lock taken (and announced it).
     until_waiters(&b_client, "turns", Kind::File, 1).await;
-    // The announcement is in place once b has found the lock taken.
-    eventually("b announces its waiter", GUARD, async || {
-        std::fs::read_dir(dir.path().join(".padlock/wanted/file"))
-            .ok()
-            .and_then(|mut d| d.next())
-            .map(|_| ())
-    })
-    .await;
     drop(first);
     let b_granted = guarded("b's turn", b_waiter).await.unwrap().unwrap();
     assert!(!a_next.is_finished(), "a's own waiter went first");

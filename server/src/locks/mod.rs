@@ -31,7 +31,8 @@
 //! `.padlock/wanted/`, see [`fence::Fences::announce`]) and polls faster,
 //! and a process about to hand a lock to its next local waiter first looks
 //! for such an announcement and, when there is one, leaves the lock free
-//! for [`YIELD_WINDOW`]: processes with waiters take turns.
+//! until the other process has taken it (its announcement goes away), for
+//! at most [`YIELD_MAX`]: processes with waiters take turns.
 //!
 //! Transports (gRPC, HTTP) talk to the table through [`LockTable::acquire`]
 //! and the [`Ticket`] it returns: the ticket receives [`Notice`]s, and
@@ -59,9 +60,12 @@ const RETRY_FIRST: Duration = Duration::from_millis(1);
 /// The backoff cap while this process announces its blocked waiters to the
 /// others: it polls faster so that it notices a lock left free for it.
 pub const ANNOUNCED_RETRY_CAP: Duration = Duration::from_millis(2);
-/// How long a process leaves a lock free, at a handoff, for another process
-/// that announced waiters (several of its polls).
-pub const YIELD_WINDOW: Duration = Duration::from_millis(6);
+/// How long, at most, a process leaves a lock free at a handoff for another
+/// process that announced waiters (it stops as soon as the announcement
+/// goes away: the other process took the lock, or its waiter left).
+pub const YIELD_MAX: Duration = Duration::from_millis(25);
+/// How often a yielding process looks whether the announcement is gone.
+const YIELD_POLL: Duration = Duration::from_millis(1);
 
 /// Locks are ordered by name, then kind, so that lists come in pages.
 type Key = (Arc<str>, Kind);
@@ -112,7 +116,8 @@ struct Lock {
     /// This process's announcement that its head is blocked by a holder
     /// outside it (file and semaphore kinds).
     announced: Option<std::os::fd::OwnedFd>,
-    /// The lock is left free for another process until then.
+    /// The lock is left free for another process that announced waiters,
+    /// at most until then.
     yield_until: Option<tokio::time::Instant>,
 }
 
@@ -473,9 +478,8 @@ impl LockTable {
             let (job, own_note) = {
                 let mut st = self.state();
                 match next_job(&mut st, key, handoff) {
-                    Pick::Try(job, own_note) => (job, own_note),
-                    Pick::Later(delay) => return self.ensure_retry(&mut st, key, Some(delay)),
-                    Pick::Nothing => return,
+                    Some(picked) => picked,
+                    None => return,
                 }
             };
             drop(own_note);
@@ -487,7 +491,7 @@ impl LockTable {
                 let next = self.commit(&mut st, key, &job, outcome, &mut after);
                 match next {
                     Next::Blocked => self.ensure_retry(&mut st, key, None),
-                    Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_WINDOW)),
+                    Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_POLL)),
                     Next::Again | Next::Done => {}
                 }
                 forget_if_idle(&mut st, key);
@@ -592,6 +596,7 @@ impl LockTable {
             Outcome::Taken(held, fence) if is_head && held.is_alive() => {
                 let entry = lock.waiters.pop_front().expect("head exists");
                 lock.backoff = RETRY_FIRST;
+                lock.yield_until = None;
                 if let Some(note) = lock.announced.take() {
                     after.close.push(note);
                 }
@@ -606,7 +611,9 @@ impl LockTable {
             }
             Outcome::Busy(_) => self.commit_busy(key, lock, job, (is_head, repump), after),
             Outcome::Yield if is_head && !repump => {
-                lock.yield_until = tokio::time::Instant::now().checked_add(YIELD_WINDOW);
+                if lock.yield_until.is_none() {
+                    lock.yield_until = tokio::time::Instant::now().checked_add(YIELD_MAX);
+                }
                 Next::Yielded
             }
             Outcome::Yield => Next::Again,
@@ -631,6 +638,8 @@ impl LockTable {
         if !is_head {
             return Next::Again;
         }
+        // Whoever the lock was left to has it now: stop yielding.
+        lock.yield_until = None;
         if job.try_once {
             let err = LockError::NotAcquired {
                 name: name::printable(&key.0),
@@ -753,7 +762,7 @@ impl LockTable {
         let next = self.commit(&mut st, key, &job, outcome, &mut after);
         match next {
             Next::Blocked => self.ensure_retry(&mut st, key, None),
-            Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_WINDOW)),
+            Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_POLL)),
             Next::Again | Next::Done => {}
         }
         forget_if_idle(&mut st, key);
@@ -991,47 +1000,42 @@ impl LockTable {
 
 /// Marks the head of the queue of `key` as attempted and says how to try
 /// it; `None` when there is nothing to try now.
-/// What to do next for the head of a queue.
-enum Pick {
-    /// Try it (and, at a handoff, withdraw this process's own
-    /// announcement first, before the attempt looks for others').
-    Try(Job, Option<std::os::fd::OwnedFd>),
-    /// The lock is left free for another process: try again after this.
-    Later(Duration),
-    Nothing,
-}
-
 /// Marks the head of the queue of `key` as attempted and says how to try
-/// it.
-fn next_job(st: &mut State, key: &Key, handoff: bool) -> Pick {
-    let Some(lock) = st.locks.get_mut(key) else {
-        return Pick::Nothing;
-    };
+/// it; `None` when there is nothing to try now. At a handoff, this
+/// process's own announcement comes back too, to be withdrawn before the
+/// attempt looks for others'.
+fn next_job(
+    st: &mut State,
+    key: &Key,
+    handoff: bool,
+) -> Option<(Job, Option<std::os::fd::OwnedFd>)> {
+    let lock = st.locks.get_mut(key)?;
     if lock.attempt.is_some() {
         // The attempt's owner looks again when it is done.
         lock.repump = true;
-        return Pick::Nothing;
+        return None;
     }
-    let Some(head) = lock.waiters.front() else {
-        return Pick::Nothing;
-    };
+    let head = lock.waiters.front()?;
     if !lock.admits(key.1, head.mode) {
-        return Pick::Nothing;
+        return None;
     }
-    if let Some(until) = lock.yield_until {
-        let now = tokio::time::Instant::now();
-        if now < until {
-            return Pick::Later(until - now);
+    // While the lock is left to another process, every attempt looks
+    // first whether that process still wants it.
+    let yielding = match lock.yield_until {
+        Some(until) if tokio::time::Instant::now() < until => true,
+        Some(_) => {
+            lock.yield_until = None;
+            false
         }
-        lock.yield_until = None;
-    }
+        None => false,
+    };
     let job = Job {
         id: head.id,
         mode: head.mode,
         limit: lock.limit,
         own_slots: lock.holders.iter().filter_map(|h| h.held.slot).collect(),
         try_once: head.try_once,
-        handoff,
+        handoff: handoff || yielding,
     };
     lock.attempt = Some(Attempting {
         id: head.id,
@@ -1039,7 +1043,7 @@ fn next_job(st: &mut State, key: &Key, handoff: bool) -> Pick {
     });
     lock.repump = false;
     let own_note = if handoff { lock.announced.take() } else { None };
-    Pick::Try(job, own_note)
+    Some((job, own_note))
 }
 
 fn forget_if_idle(st: &mut State, key: &Key) {
