@@ -4,6 +4,12 @@ use padlock_server::config::LogFormat;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// jemalloc, with a background thread that gives freed memory back to the
+/// system: after a flood of lock requests ends, padlockd shrinks again
+/// (glibc's malloc kept nearly all of it; see docs/hardening.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let config = match padlock_server::Config::load() {
         Ok(config) => config,
