@@ -6,7 +6,9 @@
 //! a check a page a developer visits could take a lock on their padlockd.
 //! Browsers say where such a request comes from: `Origin`, and
 //! `Sec-Fetch-Site`. Every request that changes state (any method but GET,
-//! HEAD and OPTIONS) from another origin is refused.
+//! HEAD and OPTIONS) from another origin is refused: by `Sec-Fetch-Site`
+//! when the browser sends it (any but `same-origin` and `none`), else by
+//! an `Origin` that does not name the host the request was sent to.
 //!
 //! A page can also make its own DNS name resolve to 127.0.0.1 (DNS
 //! rebinding); its requests are then same-origin, but carry its name in
@@ -79,11 +81,15 @@ pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refus
             request.method()
         )))
     };
-    if let Some(site) = header_text(request.headers(), "sec-fetch-site")
-        && !matches!(site.as_str(), "same-origin" | "none")
-    {
-        return refused();
+    // A browser's own word, which no page can forge, and which holds
+    // behind a proxy that rewrites Host.
+    if let Some(site) = header_text(request.headers(), "sec-fetch-site") {
+        return match site.as_str() {
+            "same-origin" | "none" => Ok(()),
+            _ => refused(),
+        };
     }
+    // Older browsers: the page's origin must name this server.
     if let Some(origin) = header_text(request.headers(), header::ORIGIN.as_str()) {
         // `scheme://host[:port]`, and it must name this server as the
         // request does; `null` (sandboxed pages, files) never matches.
