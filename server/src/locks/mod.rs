@@ -448,6 +448,10 @@ impl LockTable {
             let mut ticket = ticket;
             ticket.placed = false;
             drop(ticket);
+            if index == 0 {
+                // Readers held back by this writer may go now.
+                self.pump(&key, false);
+            }
             return Err(LockError::NotAcquired {
                 name: name::printable(&key.0),
                 holders,
