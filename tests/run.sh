@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs padlock's whole test suite on a fresh machine: installs what the
 # tests need when it is missing (a Python venv with portalocker 4.4.2,
-# flock(1), redis-server, Chromium and chromedriver), builds the binaries,
-# then runs `cargo test --workspace`.
+# grpcio and pytest, flock(1), redis-server, openssl, Chromium and
+# chromedriver), builds the binaries, runs `cargo test --workspace`, then
+# installs the Python client from sdk/python into the venv and runs its
+# pytest suite against the same binaries.
 #
 # Opt-outs (for a machine without them, never in CI):
 #   PADLOCK_SKIP_PORTALOCKER=1   skip the portalocker interop tests
@@ -35,17 +37,25 @@ if [ "${PADLOCK_SKIP_REDIS:-}" != 1 ]; then
     command -v redis-server >/dev/null || apt_install redis-server
 fi
 
+command -v openssl >/dev/null || apt_install openssl
+
+# One venv for portalocker (the interop tests) and the Python client's tests.
+want='import portalocker, redis, grpc, pytest; assert portalocker.__version__ == "4.4.2"'
+if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "$want" 2>/dev/null; }; then
+    command -v python3 >/dev/null || apt_install python3
+    python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check \
+        'portalocker[redis]==4.4.2' grpcio protobuf pytest
+fi
 if [ "${PADLOCK_SKIP_PORTALOCKER:-}" != 1 ]; then
-    want='import portalocker, redis; assert portalocker.__version__ == "4.4.2"'
-    if ! { [ -x .venv/bin/python ] && .venv/bin/python -c "$want" 2>/dev/null; }; then
-        command -v python3 >/dev/null || apt_install python3
-        python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
-        rm -rf .venv
-        python3 -m venv .venv
-        .venv/bin/pip install --quiet --disable-pip-version-check 'portalocker[redis]==4.4.2'
-    fi
     export PADLOCK_PYTHON="$PWD/.venv/bin/python"
 fi
 
 cargo build --workspace --bins
 cargo test --workspace "$@"
+
+# The Python client, built as a user would (`pip install ./sdk/python`:
+# its gRPC stubs are generated from proto/ while it builds).
+.venv/bin/pip install --quiet --disable-pip-version-check ./sdk/python
+PADLOCK_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q sdk/python/tests
