@@ -19,7 +19,10 @@
 //! process about to hand a lock from one of its holders to the next of its
 //! own waiters first looks for such an announcement
 //! ([`Fences::is_wanted`]) and, if there is one, leaves the lock free for a
-//! moment so the other process can take it.
+//! moment so the other process can take it. None of that happens unless
+//! another padlockd shares the directory: each one keeps an exclusive
+//! flock on its own file in `.padlock/instances/` for as long as it runs
+//! ([`Fences::others_alive`]).
 //!
 //! Writing without `fsync` keeps a grant at a few microseconds; the page
 //! cache survives a crash of padlockd, but not of the machine. For that,
@@ -28,11 +31,14 @@
 //! a power loss that rolled a counter file back, the new generation still
 //! puts every new fence above every fence handed out before.
 
+use crate::fds::{Descriptors, FdToken};
 use crate::kinds::fs::{OpenError, Root};
-use rustix::fs::{FlockOperation, Mode, OFlags, flock};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, flock};
 use rustix::io::Errno;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Bits of a fence below the generation.
@@ -59,17 +65,38 @@ pub enum FenceError {
     Io(#[from] io::Error),
 }
 
+/// How long a look at the other instances is trusted.
+const INSTANCES_FRESH: Duration = Duration::from_secs(1);
+
 /// The fence counters of one lock directory.
 pub struct Fences {
     root: Root,
     wanted: Root,
     generation: u64,
+    /// `.padlock/instances/`, and this process's own flocked file in it.
+    instances: Root,
+    _instance: OwnedFd,
+    /// Whether another padlockd was alive at the last look, and when that
+    /// was (ms after `base`; 0: never).
+    others: AtomicBool,
+    looked: AtomicU64,
+    base: Instant,
+    /// Announcements are descriptors too.
+    fds: Arc<Descriptors>,
+}
+
+/// This process's announcement of a blocked waiter; withdrawn on drop.
+#[derive(Debug)]
+pub struct Announcement {
+    _fd: OwnedFd,
+    _counted: FdToken,
 }
 
 impl Fences {
     /// Opens the state directory (`state`, padlockd's `.padlock/`) and
     /// starts a new generation, durably, before any fence is handed out.
-    pub fn open(state: &Root) -> io::Result<Fences> {
+    /// `fds` counts the announcements' descriptors.
+    pub fn open(state: &Root, fds: Arc<Descriptors>) -> io::Result<Fences> {
         let fd = state.open_file("generation", OFlags::RDWR, PRIVATE_FILE)?;
         let started = Instant::now();
         let generation = loop {
@@ -89,11 +116,61 @@ impl Fences {
         };
         // Make the file's directory entry durable too.
         rustix::fs::fsync(state.fd())?;
+        let instances = state.private_subdir("instances")?;
+        let instance =
+            instances.open_file(&generation.to_string(), OFlags::RDONLY, PRIVATE_FILE)?;
+        flock(&instance, FlockOperation::NonBlockingLockExclusive)?;
         Ok(Fences {
             root: state.private_subdir("fences")?,
             wanted: state.private_subdir("wanted")?,
             generation,
+            instances,
+            _instance: instance,
+            others: AtomicBool::new(false),
+            looked: AtomicU64::new(0),
+            base: Instant::now(),
+            fds,
         })
+    }
+
+    /// Does another padlockd share this lock directory? Looked up at most
+    /// once a second (a directory read and a flock try per instance);
+    /// the files of instances that are gone are removed on the way.
+    pub fn others_alive(&self) -> bool {
+        let now = self.base.elapsed().as_millis() as u64 + 1;
+        let last = self.looked.load(Ordering::Acquire);
+        if last != 0 && now - last < INSTANCES_FRESH.as_millis() as u64 {
+            return self.others.load(Ordering::Acquire);
+        }
+        self.looked.store(now, Ordering::Release);
+        let alive = self.look_for_others().unwrap_or(false);
+        self.others.store(alive, Ordering::Release);
+        alive
+    }
+
+    fn look_for_others(&self) -> io::Result<bool> {
+        let mine = self.generation.to_string();
+        let mut alive = false;
+        for entry in rustix::fs::Dir::read_from(self.instances.fd())? {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name.starts_with('.') || name == mine {
+                continue;
+            }
+            let Ok(fd) = self.instances.open_file(name, OFlags::RDONLY, PRIVATE_FILE) else {
+                continue;
+            };
+            match flock(&fd, FlockOperation::NonBlockingLockShared) {
+                Err(Errno::WOULDBLOCK) => alive = true,
+                // Nobody holds it: that padlockd is gone.
+                _ => {
+                    let _ = rustix::fs::unlinkat(self.instances.fd(), name, AtFlags::empty());
+                }
+            }
+        }
+        Ok(alive)
     }
 
     /// Says to other padlockd processes on this directory that this one
@@ -101,10 +178,14 @@ impl Fences {
     /// shared flock on the name's `.want` file, held until the returned
     /// descriptor is closed. `None` when it cannot be taken (the note is a
     /// courtesy; nothing depends on it).
-    pub fn announce(&self, kind: &str, name: &str) -> Option<OwnedFd> {
+    pub fn announce(&self, kind: &str, name: &str) -> Option<Announcement> {
+        let counted = self.fds.take().ok()?;
         let fd = self.want_file(kind, name)?;
         flock(&fd, FlockOperation::NonBlockingLockShared).ok()?;
-        Some(fd)
+        Some(Announcement {
+            _fd: fd,
+            _counted: counted,
+        })
     }
 
     /// Does another process announce waiters for `kind`/`name`? (An
@@ -215,11 +296,15 @@ mod tests {
         Root::open(dir).unwrap().private_subdir(".padlock").unwrap()
     }
 
+    fn open(dir: &std::path::Path) -> Fences {
+        Fences::open(&state(dir), Descriptors::unlimited()).unwrap()
+    }
+
     #[test]
     fn strictly_increasing_across_instances_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Fences::open(&state(dir.path())).unwrap();
-        let b = Fences::open(&state(dir.path())).unwrap();
+        let a = open(dir.path());
+        let b = open(dir.path());
         assert_eq!(b.generation(), a.generation() + 1);
         let mut last = 0;
         for fences in [&a, &b, &a, &a, &b] {
@@ -228,7 +313,7 @@ mod tests {
             last = f;
         }
         drop((a, b));
-        let c = Fences::open(&state(dir.path())).unwrap();
+        let c = open(dir.path());
         let f = c.next("file", "x/y").unwrap();
         assert!(f > last);
         // Counters are per kind and name.
@@ -242,7 +327,7 @@ mod tests {
     fn nested_names_do_not_collide() {
         assert_eq!(counter_path("a/b"), "a.d/b.fence");
         let dir = tempfile::tempdir().unwrap();
-        let f = Fences::open(&state(dir.path())).unwrap();
+        let f = open(dir.path());
         for name in ["a", "a/b", "a.d", "a.fence/x", "a.fence"] {
             f.next("semaphore", name).unwrap();
         }
@@ -251,19 +336,39 @@ mod tests {
     #[test]
     fn survives_a_rolled_back_counter() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Fences::open(&state(dir.path())).unwrap();
+        let a = open(dir.path());
         let before = a.next("file", "n").unwrap();
         std::fs::write(dir.path().join(".padlock/fences/file/n.fence"), "0\n").unwrap();
         drop(a);
-        let b = Fences::open(&state(dir.path())).unwrap();
+        let b = open(dir.path());
         assert!(b.next("file", "n").unwrap() > before);
+    }
+
+    #[test]
+    fn instances_see_each_other_while_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path());
+        assert!(!a.others_alive());
+        let b = open(dir.path());
+        assert!(b.others_alive());
+        // a's last look is fresh for a second; a new table looks again.
+        let c = open(dir.path());
+        assert!(c.others_alive());
+        drop((b, c));
+        let d = open(dir.path());
+        drop(a);
+        assert!(!d.others_alive(), "gone instances do not count");
+        let files = std::fs::read_dir(dir.path().join(".padlock/instances"))
+            .unwrap()
+            .count();
+        assert_eq!(files, 1, "the files of gone instances are removed");
     }
 
     #[test]
     fn announcements_are_seen_by_others_only_while_held() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Fences::open(&state(dir.path())).unwrap();
-        let b = Fences::open(&state(dir.path())).unwrap();
+        let a = open(dir.path());
+        let b = open(dir.path());
         assert!(!b.is_wanted("file", "x/y"));
         let note = a.announce("file", "x/y").unwrap();
         let again = a.announce("file", "x/y").unwrap();
@@ -279,7 +384,7 @@ mod tests {
     #[test]
     fn a_locked_counter_is_busy_not_a_wait_and_files_are_private() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Fences::open(&state(dir.path())).unwrap();
+        let f = open(dir.path());
         let first = f.next("file", "n").unwrap();
         let path = dir.path().join(".padlock/fences/file/n.fence");
         let held = std::fs::File::open(&path).unwrap();

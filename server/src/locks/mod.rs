@@ -115,7 +115,7 @@ struct Lock {
     backoff: Duration,
     /// This process's announcement that its head is blocked by a holder
     /// outside it (file and semaphore kinds).
-    announced: Option<std::os::fd::OwnedFd>,
+    announced: Option<fence::Announcement>,
     /// The lock is left free for another process that announced waiters,
     /// at most until then.
     yield_until: Option<tokio::time::Instant>,
@@ -187,6 +187,8 @@ struct Job {
     /// A holder of this process just left: look for other processes'
     /// announced waiters before handing the lock on.
     handoff: bool,
+    /// This process already announces the head as blocked.
+    announced: bool,
 }
 
 /// How an attempt ended.
@@ -194,7 +196,7 @@ enum Outcome {
     Taken(Held, u64),
     /// Someone outside this server holds it; with this process's
     /// announcement of its blocked waiter, when one could be made.
-    Busy(Option<std::os::fd::OwnedFd>),
+    Busy(Option<fence::Announcement>),
     /// Another process announced waiters: the lock is left free for it.
     Yield,
     Contend(Contention),
@@ -217,7 +219,7 @@ enum Next {
 #[derive(Default)]
 struct After {
     release: Vec<Held>,
-    close: Vec<std::os::fd::OwnedFd>,
+    close: Vec<fence::Announcement>,
     tell: Vec<(mailbox::Sender, Notice)>,
 }
 
@@ -516,10 +518,12 @@ impl LockTable {
                 key.1.as_str()
             )));
         };
-        // Lock files are shared with other processes: take turns with
-        // those that announced waiters.
-        let on_disk = matches!(key.1, Kind::File | Kind::Semaphore);
-        if job.handoff && on_disk && self.shared.fences.is_wanted(key.1.as_str(), &key.0) {
+        // Lock files are shared with other processes: when other
+        // padlockd share the directory, take turns with those that
+        // announced waiters.
+        let fences = &self.shared.fences;
+        let shared_dir = matches!(key.1, Kind::File | Kind::Semaphore) && fences.others_alive();
+        if job.handoff && shared_dir && fences.is_wanted(key.1.as_str(), &key.0) {
             return Outcome::Yield;
         }
         let request = Request {
@@ -532,8 +536,8 @@ impl LockTable {
         };
         match kind.try_acquire(request) {
             Ok(Attempt::Taken(held)) => self.with_fence(key, held),
-            Ok(Attempt::Busy) if on_disk && !job.try_once => {
-                Outcome::Busy(self.shared.fences.announce(key.1.as_str(), &key.0))
+            Ok(Attempt::Busy) if shared_dir && !job.try_once && !job.announced => {
+                Outcome::Busy(fences.announce(key.1.as_str(), &key.0))
             }
             Ok(Attempt::Busy) => Outcome::Busy(None),
             Ok(Attempt::Contend(contention)) => Outcome::Contend(contention),
@@ -577,6 +581,12 @@ impl LockTable {
             return Next::Done;
         }
         if let Outcome::Contend(contention) = outcome {
+            if lock.waiters.front().is_none_or(|w| w.id != job.id) {
+                // The waiter left while its attempt was being set up.
+                lock.attempt = None;
+                drop(contention);
+                return Next::Again;
+            }
             let task = self.spawn_contention(key.clone(), job.id, contention);
             lock.attempt = Some(Attempting {
                 id: job.id,
@@ -696,6 +706,9 @@ impl LockTable {
     /// Removes the head of the queue with `err`.
     fn fail_head(&self, key: &Key, lock: &mut Lock, err: LockError, after: &mut After) {
         let waiter = lock.waiters.pop_front().expect("head exists");
+        if let Some(note) = lock.announced.take() {
+            after.close.push(note);
+        }
         self.emit(
             key,
             waiter.id,
@@ -743,6 +756,7 @@ impl LockTable {
             own_slots: Vec::new(),
             try_once: false,
             handoff: false,
+            announced: false,
         };
         let outcome = match outcome {
             Ok(held) => self.with_fence(key, held),
@@ -812,14 +826,16 @@ impl LockTable {
         });
     }
 
-    /// Removes holder or waiter `id` of `key` (a ticket was dropped).
-    fn leave(&self, key: &Key, id: u64) {
+    /// Removes holder or waiter `id` of `key` (a ticket was dropped, or
+    /// released). Returns true when it was a holder at that moment.
+    fn leave(&self, key: &Key, id: u64) -> bool {
         let mut after = After::default();
+        let mut was_holder = false;
         let pump = {
             let mut st = self.state();
             st.holds = st.holds.saturating_sub(1);
             let Some(lock) = st.locks.get_mut(key) else {
-                return;
+                return false;
             };
             let mut pump = None;
             if let Some(i) = lock.holders.iter().position(|h| h.entry.id == id) {
@@ -828,6 +844,7 @@ impl LockTable {
                 // Dropping `held` (after the mutex) releases the flock.
                 after.release.push(holder.held);
                 self.emit(key, id, EventKind::Released { held: held_for });
+                was_holder = true;
                 pump = Some(true); // a handoff
             } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
                 if let Some(task) = lock
@@ -845,6 +862,12 @@ impl LockTable {
                         waited: elapsed(waiter.since),
                     },
                 );
+                if i == 0 {
+                    // The head's announcement was for it.
+                    if let Some(note) = lock.announced.take() {
+                        after.close.push(note);
+                    }
+                }
                 // A new head may be grantable (e.g. readers behind a writer).
                 pump = (i == 0).then_some(false);
             }
@@ -855,6 +878,7 @@ impl LockTable {
         if let Some(handoff) = pump {
             self.pump(key, handoff);
         }
+        was_holder
     }
 
     /// Ends holder `id` of lock `kind`/`name` with `Lost{reason}`. Returns
@@ -1012,7 +1036,7 @@ fn next_job(
     st: &mut State,
     key: &Key,
     handoff: bool,
-) -> Option<(Job, Option<std::os::fd::OwnedFd>)> {
+) -> Option<(Job, Option<fence::Announcement>)> {
     let lock = st.locks.get_mut(key)?;
     if lock.attempt.is_some() {
         // The attempt's owner looks again when it is done.
@@ -1040,6 +1064,7 @@ fn next_job(
         own_slots: lock.holders.iter().filter_map(|h| h.held.slot).collect(),
         try_once: head.try_once,
         handoff: handoff || yielding,
+        announced: lock.announced.is_some() && !handoff,
     };
     lock.attempt = Some(Attempting {
         id: head.id,
@@ -1109,33 +1134,39 @@ impl Ticket {
     /// Releases a held lock at the holder's request, after making sure that
     /// it was still held: `Err` with why when it had been lost on the
     /// backend meanwhile (the holder must be told `Lost`, not `Released`).
-    pub async fn release(self) -> Result<(), Notice> {
+    pub async fn release(mut self) -> Result<(), Notice> {
         let confirm = {
             let st = self.table.state();
             st.locks.get(&self.key).and_then(|lock| {
                 lock.holders
                     .iter()
                     .find(|h| h.entry.id == self.id)
-                    .and_then(|h| h.held.confirm())
+                    .map(|h| h.held.confirm())
             })
         };
-        let confirmed = match confirm {
-            Some(confirm) => confirm.await,
-            None => Ok(()),
-        };
-        if let Err(detail) = confirmed {
+        if let Some(Some(confirm)) = confirm
+            && let Err(detail) = confirm.await
+        {
             let key = &self.key;
             self.table
                 .revoke(key.1, &key.0, self.id, LostReason::Backend, &detail);
         }
-        let mut this = self;
-        while let Some(notice) = this.notices.try_recv() {
+        // Released only if it is still held at the moment it is let go;
+        // otherwise it was taken away (revoked, lost, drained), and the
+        // `Lost` sent for that is on its way.
+        self.placed = false;
+        if self.table.leave(&self.key, self.id) {
+            return Ok(());
+        }
+        while let Some(notice) = self.notices.recv().await {
             if matches!(notice, Notice::Lost { .. }) {
                 return Err(notice);
             }
         }
-        drop(this);
-        Ok(())
+        Err(Notice::Lost {
+            reason: LostReason::Backend,
+            detail: "the lock had ended before its release".into(),
+        })
     }
 }
 

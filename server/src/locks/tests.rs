@@ -20,7 +20,7 @@ fn table_with(dir: &std::path::Path, limits: Limits, fds: Arc<Descriptors>) -> L
         Box::new(SemaphoreKind::new(root.clone(), fds)),
     );
     let state = root.private_subdir(".padlock").unwrap();
-    let fences = fence::Fences::open(&state).unwrap();
+    let fences = fence::Fences::open(&state, Descriptors::unlimited()).unwrap();
     LockTable::new(kinds, fences, limits)
 }
 
@@ -316,4 +316,81 @@ async fn processes_sharing_a_directory_take_turns() {
     .await
     .expect("a's waiter granted after b's release");
     assert!(back.fence > got.fence);
+}
+
+#[tokio::test]
+async fn a_release_after_the_lock_was_taken_away_is_a_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let mut kept = t.acquire(req("r", Mode::Exclusive)).unwrap();
+    let g = granted(&mut kept).unwrap();
+    assert_eq!(kept.release().await, Ok(()));
+    let mut taken = t.acquire(req("r", Mode::Exclusive)).unwrap();
+    let g2 = granted(&mut taken).unwrap();
+    assert!(g2.fence > g.fence);
+    assert!(t.revoke(Kind::File, "r", g2.holder_id, LostReason::Revoked, "admin"));
+    match taken.release().await {
+        Err(Notice::Lost { reason, .. }) => assert_eq!(reason, LostReason::Revoked),
+        other => panic!("a release of a revoked lock must be a loss: {other:?}"),
+    }
+    assert!(show(&t, "r").is_none());
+}
+
+#[tokio::test]
+async fn a_lone_process_announces_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let outside = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    rustix::fs::flock(&outside, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let mut a = t.acquire(req("f", Mode::Exclusive)).unwrap();
+    assert!(granted(&mut a).is_none());
+    let wanted = dir.path().join(".padlock/wanted");
+    let notes = walk(&wanted);
+    assert!(notes.is_empty(), "no other padlockd, yet {notes:?}");
+}
+
+#[tokio::test]
+async fn an_announcement_ends_with_the_waiter_it_was_for() {
+    // A holds slot 0; B holds slot 1 and is the "outside" for A's waiter.
+    let dir = tempfile::tempdir().unwrap();
+    let a = table(dir.path(), Limits::default());
+    let b = table(dir.path(), Limits::default());
+    let sem = |limit| AcquireRequest {
+        kind: Kind::Semaphore,
+        limit,
+        ..req("s", Mode::Exclusive)
+    };
+    let mut a0 = a.acquire(sem(2)).unwrap();
+    assert_eq!(granted(&mut a0).unwrap().slot, Some(0));
+    let mut b1 = b.acquire(sem(2)).unwrap();
+    assert_eq!(granted(&mut b1).unwrap().slot, Some(1));
+    let mut waiter = a.acquire(sem(2)).unwrap();
+    assert!(granted(&mut waiter).is_none());
+    assert!(
+        b.shared.fences.is_wanted("semaphore", "s"),
+        "a announced its waiter"
+    );
+    drop(waiter);
+    assert!(
+        !b.shared.fences.is_wanted("semaphore", "s"),
+        "the announcement outlived its waiter"
+    );
+    drop((a0, b1));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
 }
