@@ -29,12 +29,18 @@
 //! but Hold streams, NDJSON holds, event streams and the gRPC health watch
 //! and reflection streams) is bounded in size by its handler (a page of
 //! locks stays under about 1 MiB) and here in number and time: at most
-//! [`BOUNDED_PER_CONNECTION`] in flight per connection and
-//! [`BOUNDED_IN_FLIGHT`] in the server (later ones wait for a place, within
-//! the request timeout), and each must be read by the client within the
-//! request timeout of its start. A client that does not read its responses
-//! is disconnected (as Redis does with its output buffer limit), so the
-//! memory one client can pin is bounded.
+//! [`BOUNDED_PER_CONNECTION`] in flight per connection,
+//! [`BOUNDED_PER_PEER`] per client address and [`BOUNDED_IN_FLIGHT`] in
+//! the server (past them, RESOURCE_EXHAUSTED or 503 at once), each sent in
+//! pieces of at most [`BOUNDED_CHUNK`] bytes, and each must be read by the
+//! client within the request timeout of its start. A client that does not
+//! read its responses is disconnected (as Redis does with its output
+//! buffer limit), so the memory one client can pin is bounded. (An answer
+//! that fits in what HTTP/2 buffers per stream, 16 KiB, is handed over
+//! whole once the client opens its window at all; such small answers are
+//! bounded by `--max-streams-per-connection`.) Health
+//! checks (`/healthz`, `/readyz`, gRPC `Health/Check`) are tiny and take
+//! no place: no flood of unread answers can make a probe fail.
 //!
 //! **Browsers.** A request that changes state (any method but GET, HEAD
 //! and OPTIONS) with an `Origin` of another site, or `Sec-Fetch-Site:
@@ -80,6 +86,72 @@ pub struct ConnectionStats {
 pub const BOUNDED_IN_FLIGHT: usize = 64;
 /// Bounded responses in flight at once on one connection.
 pub const BOUNDED_PER_CONNECTION: usize = 8;
+/// Bounded responses in flight at once for one client address.
+pub const BOUNDED_PER_PEER: usize = 16;
+/// Largest piece of a bounded response handed to HTTP/2 at once, so that
+/// the rest waits (counted) until the client opens its window.
+pub const BOUNDED_CHUNK: usize = 16 * 1024;
+
+/// The places for bounded responses, shared by every connection.
+#[derive(Debug)]
+pub struct Answers {
+    server: Arc<Semaphore>,
+    per_peer: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Answers {
+            server: Arc::new(Semaphore::new(BOUNDED_IN_FLIGHT)),
+            per_peer: Default::default(),
+        }
+    }
+}
+
+impl Answers {
+    /// A place for one more bounded response from `peer`, if there is one.
+    fn take(self: &Arc<Self>, peer: Option<std::net::IpAddr>) -> Option<AnswerPlace> {
+        let permit = self.server.clone().try_acquire_owned().ok()?;
+        if let Some(ip) = peer {
+            let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+            let count = per_peer.entry(ip).or_insert(0);
+            if *count >= BOUNDED_PER_PEER {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(AnswerPlace {
+            answers: self.clone(),
+            peer,
+            _permit: permit,
+        })
+    }
+}
+
+/// One bounded response's place, given back on drop.
+struct AnswerPlace {
+    answers: Arc<Answers>,
+    peer: Option<std::net::IpAddr>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for AnswerPlace {
+    fn drop(&mut self) {
+        if let Some(ip) = self.peer {
+            let mut per_peer = self
+                .answers
+                .per_peer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = per_peer.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_peer.remove(&ip);
+                }
+            }
+        }
+    }
+}
 
 /// How connections are served.
 #[derive(Clone, Debug)]
@@ -92,7 +164,7 @@ pub struct Serving {
     pub idle_timeout: Option<Duration>,
     pub stats: Arc<ConnectionStats>,
     /// Places for bounded responses, shared by every connection.
-    pub bounded: Arc<Semaphore>,
+    pub bounded: Arc<Answers>,
     /// Which `Host` names are accepted (`None`: any).
     pub hosts: Option<Arc<crate::origin::Hosts>>,
 }
@@ -108,6 +180,9 @@ impl Serving {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.max_streams_per_connection)
+            // What one stream may have waiting in HTTP/2's buffers for the
+            // client's window (hyper's default is ~400 KB).
+            .max_send_buf_size(BOUNDED_CHUNK)
             .keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout);
         // hyper's defaults for the rest, including its limit on streams a
@@ -201,7 +276,7 @@ async fn serve_connection(
     let mut abandoning = false;
     let connection = builder.serve_connection(TokioIo::new(conn), service);
     tokio::pin!(connection);
-    let idle = idle(activity, settings.idle_timeout);
+    let idle = idle(activity.clone(), settings.idle_timeout);
     tokio::pin!(idle);
     let mut closing = false;
     loop {
@@ -220,7 +295,13 @@ async fn serve_connection(
                 abandoning = true;
                 hard_close.as_mut().reset(Instant::now() + Duration::from_secs(1));
             }
-            () = &mut hard_close, if abandoning => return,
+            () = &mut hard_close, if abandoning => {
+                // A request that came in the meantime is served to its end.
+                if activity.requests.load(Acquire) == 0 {
+                    return;
+                }
+                abandoning = false;
+            }
             () = unread.notified() => {
                 tracing::debug!(?peer, "closing a connection that does not read its responses");
                 settings.stats.request_timeouts.fetch_add(1, Relaxed);
@@ -303,7 +384,7 @@ struct ConnService {
     request_timeout: Duration,
     timeouts: Arc<AtomicU64>,
     /// The server's places for bounded responses, and this connection's.
-    bounded: Arc<Semaphore>,
+    bounded: Arc<Answers>,
     own_bounded: Arc<Semaphore>,
     /// Told when a bounded response was not read in time.
     unread: Arc<Notify>,
@@ -324,58 +405,99 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let open = OpenRequest::new(self.activity.clone());
         let grpc = is_grpc(&request);
         if let Err(refused) = crate::origin::check(&request, self.hosts.as_deref()) {
+            let bound = Bound::start(None, self.request_timeout, self.unread.clone());
             let response = refused.into_response(grpc);
-            return Box::pin(
-                async move { Ok(response.map(|body| Counted::new(body, open, None))) },
-            );
+            return Box::pin(async move {
+                Ok(response.map(|body| Counted::new(body, open, Some(bound))))
+            });
         }
-        let streaming = is_stream(&request);
+        // A bounded response needs places: on this connection, for this
+        // client address, in the server. None: refused at once.
+        let kind = answer_kind(&request);
+        let places = match kind {
+            AnswerKind::Stream | AnswerKind::Tiny => None,
+            AnswerKind::Bounded => {
+                let own = self.own_bounded.clone().try_acquire_owned().ok();
+                let peer = self.info.remote_addr.map(|a| a.ip());
+                match own.zip(self.bounded.take(peer)) {
+                    Some(places) => Some(places),
+                    None => {
+                        // Even a refusal must be read in time.
+                        let bound = Bound::start(None, self.request_timeout, self.unread.clone());
+                        let response = too_busy(grpc);
+                        return Box::pin(async move {
+                            Ok(response.map(|body| Counted::new(body, open, Some(bound))))
+                        });
+                    }
+                }
+            }
+        };
         let timeout = self.request_timeout;
         let timeouts = self.timeouts.clone();
-        let places = (!streaming).then(|| (self.bounded.clone(), self.own_bounded.clone()));
         let unread = self.unread.clone();
-        let routes = self.routes.clone();
-        let request = request.map(Body::new);
+        let response = self.routes.clone().oneshot(request.map(Body::new));
         Box::pin(async move {
-            let respond = async move {
-                let permits = match places {
-                    Some((server, own)) => {
-                        let own = own.acquire_owned().await.ok();
-                        let server = server.acquire_owned().await.ok();
-                        Some((own, server))
-                    }
-                    None => None,
-                };
-                let response = routes.oneshot(request).await;
-                (response, permits)
-            };
-            let (response, permits) = match tokio::time::timeout(timeout, respond).await {
-                Ok((Ok(response), permits)) => (response, permits),
-                Ok((Err(never), _)) => match never {},
+            let response = match tokio::time::timeout(timeout, response).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
                 Err(_) => {
                     timeouts.fetch_add(1, Relaxed);
-                    (timed_out(grpc, timeout), None)
+                    timed_out(grpc, timeout)
                 }
             };
-            let bound = permits.map(|permits| Bound::start(permits, timeout, unread));
+            // Every answer but a stream must be read within the timeout.
+            let bound = match kind {
+                AnswerKind::Stream => None,
+                _ => Some(Bound::start(places, timeout, unread)),
+            };
             Ok(response.map(|body| Counted::new(body, open, bound)))
         })
     }
 }
 
-/// Is the response to this request a stream that lives as long as a lock
-/// is held or waited for (or events are followed)?
-fn is_stream<B>(request: &Request<B>) -> bool {
+/// What kind of response a request gets.
+enum AnswerKind {
+    /// A stream that lives as long as a lock is held or waited for (or
+    /// events are followed).
+    Stream,
+    /// A health check: a few bytes.
+    Tiny,
+    /// Everything else: bounded in size, number and time.
+    Bounded,
+}
+
+fn answer_kind<B>(request: &Request<B>) -> AnswerKind {
     let path = request.uri().path();
     if is_grpc(request) {
-        return path == "/padlock.v1.Padlock/Hold"
-            || path == "/grpc.health.v1.Health/Watch"
-            || path.starts_with("/grpc.reflection.");
+        return match path {
+            "/padlock.v1.Padlock/Hold" | "/grpc.health.v1.Health/Watch" => AnswerKind::Stream,
+            "/grpc.health.v1.Health/Check" => AnswerKind::Tiny,
+            p if p.starts_with("/grpc.reflection.") => AnswerKind::Stream,
+            _ => AnswerKind::Bounded,
+        };
     }
-    match *request.method() {
-        axum::http::Method::POST => path.starts_with("/v1/locks/") && path.ends_with("/hold"),
-        axum::http::Method::GET => path == "/v1/events",
-        _ => false,
+    match (request.method(), path) {
+        (&axum::http::Method::POST, p) if p.starts_with("/v1/locks/") && p.ends_with("/hold") => {
+            AnswerKind::Stream
+        }
+        (&axum::http::Method::GET, "/v1/events") => AnswerKind::Stream,
+        (&axum::http::Method::GET, "/healthz" | "/readyz") => AnswerKind::Tiny,
+        _ => AnswerKind::Bounded,
+    }
+}
+
+/// The answer when no place is left for a bounded response.
+fn too_busy(grpc: bool) -> Response<Body> {
+    let message = format!(
+        "too many answers are being sent (at most {BOUNDED_PER_CONNECTION} per connection, \
+         {BOUNDED_PER_PEER} per client address, {BOUNDED_IN_FLIGHT} in all); try again"
+    );
+    if grpc {
+        tonic::Status::resource_exhausted(message).into_http()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+            .into_response()
+            .map(Body::new)
     }
 }
 
@@ -422,7 +544,7 @@ impl Drop for OpenRequest {
 /// A bounded response's places (released when its body is sent or
 /// dropped) and the watch on how long it takes to be read.
 struct Bound {
-    _places: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+    _places: Option<(OwnedSemaphorePermit, AnswerPlace)>,
     /// Dropped once the body is sent (or dropped): ends the watch.
     _sent: tokio::sync::oneshot::Sender<()>,
 }
@@ -431,7 +553,7 @@ impl Bound {
     /// Starts the clock: when the body is not sent within `limit`, the
     /// connection is told (through `unread`) to close.
     fn start(
-        places: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+        places: Option<(OwnedSemaphorePermit, AnswerPlace)>,
         limit: Duration,
         unread: Arc<Notify>,
     ) -> Bound {
@@ -460,6 +582,8 @@ struct Counted {
     body: Body,
     _open: OpenRequest,
     bound: Option<Bound>,
+    /// The rest of a large piece of a bounded response, not yet handed on.
+    rest: axum::body::Bytes,
 }
 
 impl Counted {
@@ -468,7 +592,17 @@ impl Counted {
             body,
             _open: open,
             bound,
+            rest: axum::body::Bytes::new(),
         }
+    }
+
+    /// At most [`BOUNDED_CHUNK`] bytes of `data` (a bounded response), the
+    /// rest kept for the next poll.
+    fn piece(&mut self, mut data: axum::body::Bytes) -> http_body::Frame<axum::body::Bytes> {
+        if data.len() > BOUNDED_CHUNK {
+            self.rest = data.split_off(BOUNDED_CHUNK);
+        }
+        http_body::Frame::data(data)
     }
 }
 
@@ -480,16 +614,30 @@ impl http_body::Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if !self.rest.is_empty() {
+            let rest = std::mem::take(&mut self.rest);
+            return Poll::Ready(Some(Ok(self.piece(rest))));
+        }
         let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
+        match frame {
             // Sent: its places are free for others.
-            self.bound = None;
+            Poll::Ready(None) => self.bound = None,
+            // A bounded response goes in pieces, so that what the client
+            // has not made room for stays here, counted, not in HTTP/2's
+            // send buffer.
+            Poll::Ready(Some(Ok(frame))) if self.bound.is_some() => {
+                return match frame.into_data() {
+                    Ok(data) => Poll::Ready(Some(Ok(self.piece(data)))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                };
+            }
+            _ => {}
         }
         frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

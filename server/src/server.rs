@@ -60,7 +60,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let state = root
         .private_subdir(crate::locks::name::RESERVED_DIR)
         .map_err(state_error)?;
-    let fences = Fences::open(&state).map_err(state_error)?;
+    let fences = Fences::open(&state, fds.clone()).map_err(state_error)?;
     drop(state);
 
     let serves = |kind: ServedKind| match &config.kinds {
@@ -218,18 +218,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         request_timeout: config.request_timeout,
         idle_timeout: Some(config.idle_timeout).filter(|t| !t.is_zero()),
         stats: metrics.connections.clone(),
-        bounded: Arc::new(tokio::sync::Semaphore::new(crate::serve::BOUNDED_IN_FLIGHT)),
+        bounded: Arc::default(),
         // On loopback, only loopback names (and --allowed-hosts): no DNS
         // rebinding from a web page.
-        hosts: addr.ip().is_loopback().then(|| {
-            Arc::new(crate::origin::Hosts {
-                extra: config
-                    .allowed_hosts
-                    .iter()
-                    .map(|h| h.trim().to_ascii_lowercase())
-                    .collect(),
-            })
-        }),
+        hosts: Some(Arc::new(crate::origin::Hosts {
+            extra: config
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .collect(),
+            check_host: addr.ip().is_loopback(),
+        })),
     };
     // Over-limit connections are told so and then let go soon, so that
     // they do not keep the places for refusing others.
