@@ -932,19 +932,28 @@ impl Contender {
                 }
             }
             if wakeups.is_none() && failures == 0 {
-                wakeups = self
-                    .inner
-                    .subscribe(None, &[&release_channel(&self.name)])
-                    .await
-                    .ok();
+                // One more connection: counted, or done without.
+                if let Ok(counted) = self.inner.fds.take() {
+                    wakeups = self
+                        .inner
+                        .subscribe(None, &[&release_channel(&self.name)])
+                        .await
+                        .ok()
+                        .map(|subscribed| (subscribed, counted));
+                }
             }
             let jitter = 0.5
                 + f64::from(hex_id().map_or(0, |h| u8::from_str_radix(&h[..2], 16).unwrap_or(0)))
                     / 255.0;
             let poll = wait.mul_f64(jitter);
             match wakeups.as_mut() {
-                Some((_, released)) => {
-                    let _ = timeout(poll, released.next()).await;
+                Some(((_, released), _)) => {
+                    // The connection ended: poll instead, and let the
+                    // next turn open another.
+                    if let Ok(None) = timeout(poll, released.next()).await {
+                        wakeups = None;
+                        sleep(poll).await;
+                    }
                 }
                 None => sleep(poll).await,
             }
