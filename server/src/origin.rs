@@ -21,17 +21,27 @@ use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use axum::response::IntoResponse;
 use tonic::body::Body;
 
-/// The `Host` names accepted while listening on loopback.
+/// The `Host` names served: checked while listening on loopback.
 #[derive(Debug, Clone, Default)]
 pub struct Hosts {
-    /// Extra names (lowercase, without port); `*` accepts any.
+    /// `--allowed-hosts`: extra names (lowercase, without port); `*`
+    /// accepts any `Host`.
     pub extra: Vec<String>,
+    /// Refuse other `Host` names (padlockd listens on loopback).
+    pub check_host: bool,
 }
 
 impl Hosts {
     fn allows(&self, host: &str) -> bool {
         let name = strip_port(host).to_ascii_lowercase();
         is_loopback_name(&name) || self.extra.iter().any(|h| h == "*" || *h == name)
+    }
+
+    /// A page served under one of `--allowed-hosts` (behind a proxy that
+    /// rewrites `Host`) is this server's own page.
+    fn is_own_page(&self, origin_host: &str) -> bool {
+        let name = strip_port(origin_host).to_ascii_lowercase();
+        self.extra.contains(&name)
     }
 }
 
@@ -58,7 +68,7 @@ pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refus
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| header_text(request.headers(), header::HOST.as_str()));
-    if let (Some(hosts), Some(host)) = (hosts, host.as_deref())
+    if let (Some(hosts), Some(host)) = (hosts.filter(|h| h.check_host), host.as_deref())
         && !hosts.allows(host)
     {
         return Err(Refused(format!(
@@ -95,7 +105,7 @@ pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refus
         // request does; `null` (sandboxed pages, files) never matches.
         let origin_host = origin.split_once("://").map(|(_, rest)| rest);
         let same = match (origin_host, host.as_deref()) {
-            (Some(o), Some(h)) => same_host(o, h),
+            (Some(o), Some(h)) => same_host(o, h) || hosts.is_some_and(|hs| hs.is_own_page(o)),
             _ => false,
         };
         if !same {
@@ -160,6 +170,7 @@ mod tests {
     fn loopback_hosts() {
         let hosts = Hosts {
             extra: vec!["locks.internal".into()],
+            check_host: true,
         };
         for ok in [
             "127.0.0.1:7420",
@@ -182,11 +193,38 @@ mod tests {
         }
         let any = Hosts {
             extra: vec!["*".into()],
+            check_host: true,
         };
         assert!(any.allows("evil.example"));
         let get = request("GET", &[("host", "evil.example:7420")]);
-        assert!(check(&get, Some(&Hosts::default())).is_err());
+        let loopback = Hosts {
+            check_host: true,
+            ..Hosts::default()
+        };
+        assert!(check(&get, Some(&loopback)).is_err());
+        assert!(
+            check(&get, Some(&Hosts::default())).is_ok(),
+            "not on loopback"
+        );
         assert!(check(&get, None).is_ok());
+        // Behind a proxy that rewrites Host, without Sec-Fetch-Site.
+        let proxied = request(
+            "DELETE",
+            &[
+                ("host", "127.0.0.1:7420"),
+                ("origin", "http://locks.internal"),
+            ],
+        );
+        assert!(check(&proxied, Some(&hosts)).is_ok());
+        assert!(check(&proxied, Some(&loopback)).is_err());
+        let starred = request(
+            "DELETE",
+            &[
+                ("host", "127.0.0.1:7420"),
+                ("origin", "http://evil.example"),
+            ],
+        );
+        assert!(check(&starred, Some(&any)).is_err(), "* is not any origin");
     }
 
     #[test]

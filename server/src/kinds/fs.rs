@@ -130,6 +130,16 @@ impl Root {
             }
             Err(e) => return Err(e.into()),
         };
+        // Someone else's directory (made while padlockd was stopped, in a
+        // lock directory others may write) would be theirs to rewrite.
+        let owner = fstat(&fd)?.st_uid;
+        let me = rustix::process::geteuid().as_raw();
+        if owner != me {
+            return Err(io::Error::other(format!(
+                "'{name}' belongs to user {owner}, not to padlockd's user {me}: remove it (or \
+                 chown it) so that padlockd can keep its state there"
+            )));
+        }
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
         Ok(Root {
             fd,
