@@ -259,11 +259,16 @@ impl ClientBuilder {
             .connect()
             .await
             .map_err(|source| Error::Connect { url, source })?;
-        Ok(Client {
+        let client = Client {
             channel,
             owner: default_owner(),
             authorization,
-        })
+        };
+        // A first request at once: padlockd closes a connection whose
+        // first request does not come within its --request-timeout. What
+        // it answers (even a refusal) is for the calls that follow to say.
+        let _ = client.health_check().await;
+        Ok(client)
     }
 }
 
