@@ -947,3 +947,116 @@ async fn padlockd_processes_on_one_directory_take_turns() {
     };
     assert!(a_granted.fence() > 0);
 }
+
+/// Clients that never read pin the places for bounded answers: the
+/// answers beyond the places are refused at once, health checks still
+/// answer, and the pinning connections are closed after the request
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_answers_cannot_starve_health_or_pin_memory() {
+    let server = Server::start_with_args(&["--request-timeout", "2s", "--idle-timeout", "0s"]);
+    let client = server.client().await;
+    let _held: Vec<_> = {
+        let mut held = Vec::new();
+        for i in 0..300 {
+            held.push(
+                heavy(&client, &format!("pinned/{i}"))
+                    .acquire()
+                    .await
+                    .unwrap(),
+            );
+        }
+        held
+    };
+    // The first two connections get the 16 places of this client address
+    // (a window of 1 byte takes a first byte of each answer); the others
+    // are refused, and do not read their refusals either.
+    let mut pinning = Vec::new();
+    for window in [0, 1, 0, 0, 0] {
+        let mut raw = RawH2::connect(server.addr).await;
+        raw.handshake_with_window(window).await;
+        for stream in (1..=15).step_by(2) {
+            raw.open_get(stream, "/v1/locks?limit=1000").await;
+        }
+        pinning.push(raw);
+    }
+    // 5 connections x 8 answers from one address: past the 16 places of
+    // one client address, answers are refused at once, not queued.
+    let started = Instant::now();
+    let (status, body) = json(http::client().get(format!("{}/v1/locks?limit=1", server.url))).await;
+    assert!(status == 503 || status == 200, "{status}: {body}");
+    if status == 503 {
+        assert_eq!(error_code(&body), "busy");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Health and readiness take no place: they answer at once.
+    for path in ["/healthz", "/readyz"] {
+        let started = Instant::now();
+        let (status, _) = json(http::client().get(format!("{}{path}", server.url))).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{path} {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(guarded("gRPC health", client.health_check()).await.unwrap());
+    // The connections that do not read are closed after the request timeout.
+    for (i, mut raw) in pinning.into_iter().enumerate() {
+        let closed = tokio::time::timeout(GUARD, async {
+            while raw.next_frame_or_eof().await.is_some() {}
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "pinning connection {i} is still open:\n{}",
+            raw.history()
+        );
+    }
+    assert_unharmed(&server).await;
+}
+
+fn heavy(client: &padlock::Client, name: &str) -> padlock::LockBuilder {
+    let mut lock = client.lock(name).owner("o".repeat(256));
+    for l in 0..16 {
+        lock = lock.label(format!("{l:02}{}", "k".repeat(254)), "v".repeat(256));
+    }
+    lock
+}
+
+/// A `.padlock` made by another user (while padlockd was stopped, in a
+/// lock directory others may write) is refused: it would be theirs to
+/// rewrite. Needs root, to make a directory of another user's.
+#[test]
+fn a_state_dir_of_another_user_stops_startup() {
+    if !rustix::process::geteuid().is_root() {
+        panic!(
+            "this test makes a directory owned by another user and needs root; \
+             run the suite as tests/run.sh does (as root)"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join(".padlock");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let mut child = std::process::Command::new(bin("padlockd"))
+        .args(["--listen", "127.0.0.1:0", "--lock-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = padlock_e2e::wait_child(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = child.kill();
+        panic!("padlockd started on another user's .padlock");
+    }
+    assert!(!status.unwrap().success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("belongs to user 65534"), "{stderr}");
+}
