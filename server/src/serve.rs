@@ -445,10 +445,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     timed_out(grpc, timeout)
                 }
             };
-            // Every answer but a stream must be read within the timeout.
+            // Every answer but a stream (and a health check, a few bytes)
+            // must be read within the timeout.
             let bound = match kind {
-                AnswerKind::Stream => None,
-                _ => Some(Bound::start(places, timeout, unread)),
+                AnswerKind::Stream | AnswerKind::Tiny => None,
+                AnswerKind::Bounded => Some(Bound::start(places, timeout, unread)),
             };
             Ok(response.map(|body| Counted::new(body, open, bound)))
         })
