@@ -52,10 +52,12 @@ if [ "${PADLOCK_SKIP_PORTALOCKER:-}" != 1 ]; then
     export PADLOCK_PYTHON="$PWD/.venv/bin/python"
 fi
 
+# The Python client, built as a user would (`pip install ./sdk/python`:
+# its gRPC stubs are generated from proto/ while it builds); the Rust
+# tests use it too (tests/tests/python_client.rs).
+.venv/bin/pip install --quiet --disable-pip-version-check ./sdk/python
+
 cargo build --workspace --bins
 cargo test --workspace "$@"
 
-# The Python client, built as a user would (`pip install ./sdk/python`:
-# its gRPC stubs are generated from proto/ while it builds).
-.venv/bin/pip install --quiet --disable-pip-version-check ./sdk/python
 PADLOCK_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q sdk/python/tests
