@@ -5,6 +5,7 @@
 #![allow(clippy::all, missing_docs)]
 
 pub mod codec;
+pub mod duration;
 
 /// `padlock.v1`: the Hold stream and the inspection calls.
 pub mod v1 {

@@ -18,9 +18,10 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Address for gRPC (port 0 picks a free port; the chosen address is
-    /// printed on stdout as `padlockd listening on ADDR`).
-    #[arg(long, env = "PADLOCK_LISTEN", default_value = "127.0.0.1:7420")]
+    /// Address for gRPC, HTTP and the dashboard: HOST:PORT, or a bare PORT
+    /// on 127.0.0.1 (port 0 picks a free port; the chosen address is
+    /// printed on stdout as `padlockd listening on ADDR ...`).
+    #[arg(long, env = "PADLOCK_LISTEN", default_value = "127.0.0.1:7420", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// Directory of file and semaphore locks [default: /var/lib/padlock/locks
@@ -33,7 +34,7 @@ pub struct Config {
     /// a single standalone server shared by every padlockd and portalocker
     /// `RedisLock` user of one lock space. Without it, redis locks are
     /// refused with UNAVAILABLE.
-    #[arg(long, env = "PADLOCK_REDIS_URL")]
+    #[arg(long, env = "PADLOCK_REDIS_URL", value_parser = parse_redis_url)]
     pub redis_url: Option<String>,
 
     /// The kinds this server grants, comma-separated (file, semaphore,
@@ -272,40 +273,56 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `5s`, `1.5s`, `2m` or a bare number of seconds.
+/// Parses `500ms`, `30s`, `1.5s`, `1m`, `1h` or a bare number of seconds
+/// (the syntax of every padlock interface), at most a year.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration (examples: 250ms, 5s, 1.5s, 2m)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => {
-            return Err(format!(
-                "unknown unit '{unit}' in '{text}' (use ms, s or m)"
-            ));
-        }
-    };
-    let duration = Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))?;
-    if duration > MAX_DURATION {
-        return Err(format!(
-            "'{text}' is longer than the longest allowed, {}m (365 days)",
-            MAX_DURATION.as_secs() / 60
-        ));
-    }
-    Ok(duration)
+    padlock_proto::duration::parse(text)
 }
 
-/// The longest duration any setting takes: longer ones could overflow a
-/// deadline in the HTTP stack, and mean "never" anyway.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+/// `HOST:PORT` (a name is resolved: `localhost:7420`), `[::1]:7420`, or a
+/// bare `PORT` on 127.0.0.1.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let text = text.trim();
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    match text.to_socket_addrs() {
+        // IPv4 first: `localhost` means 127.0.0.1 to most clients.
+        Ok(addrs) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
+                .ok_or_else(|| format!("'{text}' resolves to no address"))
+        }
+        Err(_) => Err(format!(
+            "'{text}' is not an address to listen on (examples: 127.0.0.1:7420, localhost:7420, \
+             0.0.0.0:7420, 7420)"
+        )),
+    }
+}
+
+/// A Redis URL; a bare `HOST:PORT` gets a hint to add `redis://`.
+fn parse_redis_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if !text.contains("://") {
+        return Err(format!(
+            "'{text}' lacks the scheme: write redis://{text} (or redis://:PASSWORD@{text})"
+        ));
+    }
+    if !text.starts_with("redis://") {
+        return Err(format!(
+            "'{text}': only redis:// URLs (plain TCP to one standalone Redis) are supported"
+        ));
+    }
+    Ok(text.to_string())
+}
 
 /// A duration that must not be zero.
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
@@ -395,7 +412,8 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("5h").unwrap(), Duration::from_secs(5 * 3600));
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_positive_duration("0s").unwrap_err().contains("zero"));
         assert!(parse_duration("525600m").is_ok());
@@ -409,6 +427,26 @@ mod tests {
                 .unwrap_err()
                 .contains("longest allowed")
         );
+    }
+
+    #[test]
+    fn listen_addresses_and_redis_urls_as_people_write_them() {
+        let addr = |t: &str| parse_listen(t).map(|a| a.to_string());
+        assert_eq!(addr("7422").unwrap(), "127.0.0.1:7422");
+        assert_eq!(addr("localhost:7422").unwrap(), "127.0.0.1:7422");
+        assert_eq!(addr("0.0.0.0:7420").unwrap(), "0.0.0.0:7420");
+        assert_eq!(addr("[::1]:7420").unwrap(), "[::1]:7420");
+        assert!(addr("nowhere").unwrap_err().contains("examples"));
+        let err = parse_redis_url("127.0.0.1:6379").unwrap_err();
+        assert_eq!(
+            err,
+            "'127.0.0.1:6379' lacks the scheme: write redis://127.0.0.1:6379 (or \
+             redis://:PASSWORD@127.0.0.1:6379)"
+        );
+        assert!(parse_redis_url("rediss://x:1").is_err());
+        assert_eq!(parse_redis_url("redis://x:1").unwrap(), "redis://x:1");
+        let config = load(&["--listen", "7423"], "").unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7423");
     }
 
     #[test]
