@@ -302,7 +302,8 @@ impl Hold {
         tokio::select! {
             notice = ticket.notices.recv() => match notice {
                 Some(Notice::Queued { position, holders }) => {
-                    let queued = reply(Out::Queued(pb::Queued { position, holders }));
+                    let waiter_id = ticket.id().to_string();
+                    let queued = reply(Out::Queued(pb::Queued { position, holders, waiter_id }));
                     (Some(queued), Phase::Waiting { ticket, wait })
                 }
                 Some(Notice::Granted(grant)) => {

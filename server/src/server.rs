@@ -116,6 +116,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PadlockServer<PadlockService>>().await;
+    tokio::spawn(follow_readiness(table.clone(), health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -151,6 +152,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         _ => None,
     };
 
+    let tls_on = tls.is_some();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| StartError::Listen {
@@ -173,7 +175,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
     let signal = shutdown_signal();
     // Tests and scripts wait for this line: the server accepts from now on.
-    println!("padlockd listening on {addr}");
+    println!(
+        "padlockd listening on {addr} (gRPC and HTTP; the dashboard is at {})",
+        dashboard_url(addr, tls_on)
+    );
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, lock_dir = %shown, redis = config.redis_url.as_deref().unwrap_or("-"), "serving");
 
@@ -260,6 +265,44 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The gRPC health service says what `/readyz` says: SERVING while
+/// padlockd grants every kind it serves, NOT_SERVING while it shuts down
+/// or a backend it serves (Redis) is down. (`/healthz` only says it is
+/// alive.)
+async fn follow_readiness(table: LockTable, health: tonic_health::server::HealthReporter) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        if table.is_draining() {
+            return; // the drain says NOT_SERVING for good
+        }
+        let ready = table.unavailable().is_empty();
+        if ready != serving {
+            serving = ready;
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            let name = <PadlockServer<PadlockService> as tonic::server::NamedService>::NAME;
+            health.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Where a browser finds the dashboard of a server listening on `addr`
+/// (an unspecified address is reached at localhost).
+fn dashboard_url(addr: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "localhost".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    format!("{scheme}://{host}:{}/", addr.port())
 }
 
 /// How long after the shutdown grace the watchdog ends the process.

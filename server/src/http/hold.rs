@@ -206,6 +206,7 @@ impl Holding {
             None => error_line(LockError::NotAcquired {
                 name: printable(&self.name),
                 holders: 0,
+                held_by: Vec::new(),
                 waited: self.wait,
             }),
         }

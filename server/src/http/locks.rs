@@ -13,7 +13,7 @@ use crate::locks::name::{self, printable};
 use crate::locks::{Detail, Kind, LostReason};
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use std::time::SystemTime;
 
 /// Page size when none is asked for, and the largest one allowed.
@@ -85,10 +85,6 @@ pub async fn list_locks(
     }))
 }
 
-fn kind_of(q: &KindQuery) -> Kind {
-    q.kind.map_or(Kind::File, Kind::from)
-}
-
 fn checked(name: &str) -> Result<&str, ApiError> {
     Ok(name::validate(name, usize::MAX)?)
 }
@@ -108,7 +104,9 @@ fn checked(name: &str) -> Result<&str, ApiError> {
         (status = 400, description = "Bad name or kind", body = ErrorBody),
         (status = 401, description = "Client tokens are required and none or an unknown one was sent", body = ErrorBody),
         (status = 403, description = "The client token may not use this name", body = ErrorBody),
+        (status = 300, description = "No kind given, and locks of several kinds have this name", body = ErrorBody),
         (status = 404, description = "Nobody holds or waits for this lock", body = ErrorBody),
+        (status = 405, description = "GET of `{name}/hold` when no lock has that name: holding is a POST", body = ErrorBody),
     )
 )]
 pub async fn get_lock(
@@ -118,7 +116,6 @@ pub async fn get_lock(
     headers: HeaderMap,
 ) -> Result<Json<Lock>, ApiError> {
     let scope = app.access(&headers)?;
-    let kind = q.kind.map_or(Kind::File, Kind::from);
     let name = checked(&name)?;
     if let Some(scope) = scope.filter(|s| !s.allows(name)) {
         return Err(denied(&scope, name));
@@ -130,14 +127,60 @@ pub async fn get_lock(
         )));
     }
     let detail = Detail::show(q.waiter_offset.unwrap_or(0) as usize, waiter_limit as usize);
-    match app.table.get(kind, name, &detail) {
-        Some(view) => Ok(Json(view.into())),
-        None => Err(ApiError::not_found(format!(
-            "no {} lock named '{}' is held or waited for",
-            kind.as_str(),
-            printable(name)
-        ))),
+    // Without a kind, every kind is looked in.
+    let kinds = match q.kind {
+        Some(kind) => vec![Kind::from(kind)],
+        None => vec![Kind::File, Kind::Semaphore, Kind::Redis],
+    };
+    let mut found: Vec<_> = kinds
+        .iter()
+        .filter_map(|kind| app.table.get(*kind, name, &detail))
+        .collect();
+    match found.len() {
+        1 => Ok(Json(found.remove(0).into())),
+        0 if q.kind.is_none() && name.ends_with("/hold") => Err(hold_is_a_post(name)),
+        0 => Err(ApiError::not_found(match q.kind {
+            Some(kind) => format!(
+                "no {} lock named '{}' is held or waited for",
+                Kind::from(kind).as_str(),
+                printable(name)
+            ),
+            None => format!(
+                "no lock named '{}' is held or waited for (of any kind)",
+                printable(name)
+            ),
+        })),
+        _ => {
+            let kinds: Vec<&str> = found.iter().map(|v| v.kind.as_str()).collect();
+            Err(ApiError::new(
+                StatusCode::MULTIPLE_CHOICES,
+                "ambiguous_kind",
+                format!(
+                    "locks of several kinds are named '{}': {}; add ?kind={}",
+                    printable(name),
+                    kinds.join(", "),
+                    kinds.join(" or ?kind=")
+                ),
+            ))
+        }
     }
+}
+
+/// A GET of `/v1/locks/{name}/hold`: holding takes a POST.
+fn hold_is_a_post(name: &str) -> ApiError {
+    let lock = name.strip_suffix("/hold").unwrap_or(name);
+    let mut err = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "holding a lock is a POST: curl -N -X POST .../v1/locks/{}/hold (and no lock is \
+             named '{}')",
+            printable(lock),
+            printable(name)
+        ),
+    );
+    err.allow = Some("POST");
+    err
 }
 
 /// Revoke a holder: its lock is released, it is told `lost` (reason
@@ -180,23 +223,69 @@ pub async fn revoke(
     let id: u64 = id.parse().map_err(|_| {
         ApiError::bad_request(format!("holder id '{}' is not a number", printable(id)))
     })?;
-    let kind = kind_of(&q);
     let name = checked(name)?;
-    let detail = format!("revoked by an administrator (HTTP, from {})", peer(conn));
-    if !app
-        .table
-        .revoke(kind, name, id, LostReason::Revoked, &detail)
-    {
+    let detail = format!("revoked by an administrator over HTTP, from {}", peer(conn));
+    // Holder ids are unique in a server: without a kind, any kind will do.
+    let kinds = match q.kind {
+        Some(kind) => vec![Kind::from(kind)],
+        None => vec![Kind::File, Kind::Semaphore, Kind::Redis],
+    };
+    let Some(kind) = kinds.into_iter().find(|kind| {
+        app.table
+            .revoke(*kind, name, id, LostReason::Revoked, &detail)
+    }) else {
         return Err(ApiError::not_found(format!(
-            "{} lock '{}' has no holder with id {id}",
-            kind.as_str(),
+            "lock '{}' has no holder with id {id}",
             printable(name)
         )));
-    }
+    };
     tracing::info!(name = %printable(name), kind = kind.as_str(), id, "revoked over HTTP");
     Ok(Json(Revoked {
         revoked: HolderRef {
             name: name.to_string(),
+            kind: kind.into(),
+            id: id.to_string(),
+        },
+    }))
+}
+
+/// Revoke a holder by its id alone (ids are unique in a server).
+#[utoipa::path(
+    delete,
+    path = "/v1/holders/{id}",
+    tag = "admin",
+    params(("id" = String, Path, description = "Holder id (from any lock's holders)")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Revoked", body = Revoked),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 403, description = "No admin token configured: admin endpoints are disabled", body = ErrorBody),
+        (status = 404, description = "No such holder", body = ErrorBody),
+    )
+)]
+pub async fn revoke_holder(
+    State(app): State<App>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    conn: Option<axum::Extension<tonic::transport::server::TcpConnectInfo>>,
+) -> Result<Json<Revoked>, ApiError> {
+    app.admin.authorize(&headers)?;
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::bad_request(format!("holder id '{}' is not a number", printable(&id)))
+    })?;
+    let detail = format!("revoked by an administrator over HTTP, from {}", peer(conn));
+    let revoked = app.table.holder_lock(id).filter(|(name, kind)| {
+        app.table
+            .revoke(*kind, name, id, LostReason::Revoked, &detail)
+    });
+    let Some((name, kind)) = revoked else {
+        return Err(ApiError::not_found(format!("no holder has id {id}")));
+    };
+    tracing::info!(name = %printable(&name), kind = kind.as_str(), id, "revoked over HTTP");
+    Ok(Json(Revoked {
+        revoked: HolderRef {
+            name,
             kind: kind.into(),
             id: id.to_string(),
         },

@@ -15,6 +15,7 @@
 //! | `GET /v1/locks/{name}` | one lock (`kind`; names may contain `/`) |
 //! | `POST /v1/locks/{name}/hold` | hold a lock while the response is read (NDJSON) |
 //! | `DELETE /v1/locks/{name}/holders/{id}` | revoke a holder (admin token) |
+//! | `DELETE /v1/holders/{id}` | revoke a holder by its id alone (admin token) |
 //! | `GET /v1/events` | live events (SSE) |
 //! | `GET /v1/openapi.json` | this API, generated from the code |
 //! | `GET /healthz`, `/readyz`, `/metrics` | for operators |
@@ -114,6 +115,10 @@ pub fn router(app: App) -> axum::Router {
         .route(
             "/v1/locks/{*rest}",
             get(locks::get_lock).post(hold::hold).delete(locks::revoke),
+        )
+        .route(
+            "/v1/holders/{id}",
+            axum::routing::delete(locks::revoke_holder),
         )
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)

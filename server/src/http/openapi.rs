@@ -31,6 +31,7 @@ use utoipa::{Modify, OpenApi};
         super::locks::get_lock,
         super::hold::hold,
         super::locks::revoke,
+        super::locks::revoke_holder,
     ),
     components(schemas(
         ErrorBody,

@@ -910,6 +910,7 @@ impl Contender {
                     return Err(LockError::NotAcquired {
                         name: crate::locks::name::printable(&self.name),
                         holders: 0,
+                        held_by: Vec::new(),
                         waited: Duration::ZERO,
                     });
                 }

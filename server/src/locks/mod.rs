@@ -443,7 +443,7 @@ impl LockTable {
         if try_once && !attempted {
             // Withdrawn quietly: it was never announced as queued.
             lock.waiters.remove(index);
-            let holders = lock.holders.len();
+            let err = not_acquired(&key, lock, Duration::ZERO);
             st.holds -= 1;
             forget_if_idle(&mut st, &key);
             drop(st);
@@ -454,11 +454,7 @@ impl LockTable {
                 // Readers held back by this writer may go now.
                 self.pump(&key, false);
             }
-            return Err(LockError::NotAcquired {
-                name: name::printable(&key.0),
-                holders,
-                waited: Duration::ZERO,
-            });
+            return Err(err);
         }
         let waiter = &lock.waiters[index];
         let _ = waiter.tx.send(Notice::Queued {
@@ -655,11 +651,7 @@ impl LockTable {
         // Whoever the lock was left to has it now: stop yielding.
         lock.yield_until = None;
         if job.try_once {
-            let err = LockError::NotAcquired {
-                name: name::printable(&key.0),
-                holders: lock.holders.len(),
-                waited: Duration::ZERO,
-            };
+            let err = not_acquired(key, lock, Duration::ZERO);
             self.fail_head(key, lock, err, after);
             return Next::Again;
         }
@@ -1006,6 +998,16 @@ impl LockTable {
             .map(|lock| view::view(&key, lock, detail))
     }
 
+    /// The lock that holder `id` holds, as (name, kind). Looks through
+    /// every lock: for an administrator's revoke by id.
+    pub fn holder_lock(&self, id: u64) -> Option<(String, Kind)> {
+        let st = self.state();
+        st.locks
+            .iter()
+            .find(|(_, lock)| lock.holders.iter().any(|h| h.entry.id == id))
+            .map(|((name, kind), _)| (name.to_string(), *kind))
+    }
+
     /// Counts, for server info and metrics; `prefix` limits them to the
     /// names starting with it.
     pub fn totals(&self, prefix: &str) -> Totals {
@@ -1075,6 +1077,21 @@ fn next_job(
     Some((job, own_note))
 }
 
+/// Not acquired: who holds `lock` now (the first three owners).
+fn not_acquired(key: &Key, lock: &Lock, waited: Duration) -> LockError {
+    LockError::NotAcquired {
+        name: name::printable(&key.0),
+        holders: lock.holders.len(),
+        held_by: lock
+            .holders
+            .iter()
+            .take(3)
+            .map(|h| name::printable(&h.entry.owner))
+            .collect(),
+        waited,
+    }
+}
+
 fn forget_if_idle(st: &mut State, key: &Key) {
     if st.locks.get(key).is_some_and(Lock::is_idle) {
         st.locks.remove(key);
@@ -1118,14 +1135,17 @@ impl Ticket {
     /// Gives up the wait: leaves the queue and says why, with the holders
     /// the lock has at this moment.
     pub fn time_out(self, waited: Duration) -> LockError {
-        let holders = {
+        let err = {
             let st = self.table.state();
-            st.locks.get(&self.key).map_or(0, |l| l.holders.len())
-        };
-        let err = LockError::NotAcquired {
-            name: name::printable(&self.key.0),
-            holders,
-            waited,
+            match st.locks.get(&self.key) {
+                Some(lock) => not_acquired(&self.key, lock, waited),
+                None => LockError::NotAcquired {
+                    name: name::printable(&self.key.0),
+                    holders: 0,
+                    held_by: Vec::new(),
+                    waited,
+                },
+            }
         };
         drop(self);
         err

@@ -75,18 +75,43 @@ pub enum LockError {
          (its RLIMIT_NOFILE of {limit}, less a reserve for connections)"
     )]
     NoDescriptors { budget: usize, limit: usize },
-    #[error(
-        "lock '{name}' is held ({holders} holder(s) on this server, or a process outside it) and was not acquired within {waited:?}"
-    )]
+    #[error("{}", not_acquired(name, *holders, held_by, waited))]
     NotAcquired {
         name: String,
+        /// Holders on this server.
         holders: usize,
+        /// Who they are (the first few owners).
+        held_by: Vec<String>,
+        /// The wait that ran out (zero: a try-lock).
         waited: Duration,
     },
     #[error("the server is shutting down and grants no more locks")]
     Draining,
     #[error("lock backend failed: {0}")]
     Backend(String),
+}
+
+/// The message of [`LockError::NotAcquired`]: who holds the lock, and how
+/// long the request waited.
+fn not_acquired(name: &str, holders: usize, held_by: &[String], waited: &Duration) -> String {
+    let who = match (holders, held_by) {
+        (0, _) | (_, []) => "a process outside this padlockd".to_string(),
+        (n, owners) => {
+            let mut who = owners.join(", ");
+            if n > owners.len() {
+                who.push_str(&format!(" and {} more", n - owners.len()));
+            }
+            who
+        }
+    };
+    if waited.is_zero() {
+        format!("lock '{name}' is held by {who} (tried once)")
+    } else {
+        format!(
+            "lock '{name}' is held by {who} and was not acquired within {}",
+            padlock_proto::duration::display(*waited)
+        )
+    }
 }
 
 /// Limits the table enforces.
