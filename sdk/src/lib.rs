@@ -51,6 +51,10 @@ pub const STREAM_GRACE: Duration = Duration::from_secs(2);
 /// The generated wire types, for callers that need the raw messages.
 pub use padlock_proto::v1 as proto;
 
+/// The duration syntax of every padlock interface: `500ms`, `30s`,
+/// `1.5s`, `1m`, `1h` or bare seconds.
+pub use padlock_proto::duration;
+
 /// The default server address.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7420";
 
@@ -65,7 +69,19 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("invalid server URL '{url}': {detail}")]
     InvalidUrl { url: String, detail: String },
-    #[error("cannot connect to padlockd at {url}: {source}")]
+    /// Nothing accepts connections there.
+    #[error("connection refused: is padlockd running at {url}?")]
+    Refused { url: String },
+    /// Something answers there, but not padlockd (not gRPC over HTTP/2).
+    #[error("{url} is not a padlockd: it does not speak gRPC over HTTP/2")]
+    NotPadlockd { url: String, detail: String },
+    /// Something accepted the connection and closed it without an answer.
+    #[error(
+        "{url} closed the connection without answering: it is not a padlockd, it serves \
+         https://, or it is at its connection limit"
+    )]
+    NoAnswer { url: String, detail: String },
+    #[error("cannot connect to padlockd at {url}: {}", chain(.source))]
     Connect {
         url: String,
         #[source]
@@ -82,6 +98,59 @@ pub enum Error {
     Lost(Lost),
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+/// An error and its causes, as one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What a failed connection attempt means for the person who made it.
+fn connect_error(url: String, source: tonic::transport::Error) -> Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return Error::Refused { url };
+        }
+        cause = err.source();
+    }
+    let text = chain(&source);
+    if text.contains("http2 error") || text.contains("protocol error") || text.contains("frame") {
+        return Error::NotPadlockd { url, detail: text };
+    }
+    Error::Connect { url, source }
+}
+
+/// Did the first health check fail for want of a gRPC server (rather than
+/// being refused by one: a token, a limit)? padlockd itself never answers
+/// it with these codes.
+fn first_answer_failed(status: &tonic::Status) -> bool {
+    use tonic::Code::*;
+    matches!(
+        status.code(),
+        Unimplemented | Internal | Unknown | Unavailable | Cancelled
+    )
+}
+
+/// `host:port` means `http://host:port`.
+fn with_scheme(url: &str) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -147,10 +216,14 @@ impl fmt::Display for Lost {
             LostReason::Disconnected => "the connection to the server broke",
             LostReason::Other => "lost",
         };
-        if self.detail.is_empty() {
-            write!(f, "lock lost: {reason}")
-        } else {
-            write!(f, "lock lost: {reason} ({})", self.detail)
+        // The server's details are whole sentences that say the reason;
+        // the client's own (a broken connection) need the reason first.
+        match (self.reason, self.detail.as_str()) {
+            (_, "") => write!(f, "lock lost: {reason}"),
+            (LostReason::Disconnected | LostReason::Other, detail) => {
+                write!(f, "lock lost: {reason} ({detail})")
+            }
+            (_, detail) => write!(f, "lock lost: {detail}"),
         }
     }
 }
@@ -213,9 +286,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects (TLS when the URL is `https://`).
+    /// Connects (TLS when the URL is `https://`; `host:port` means
+    /// `http://host:port`).
     pub async fn connect(self) -> Result<Client, Error> {
-        let url = self.url;
+        let url = with_scheme(&self.url);
         let invalid = |detail: String| Error::InvalidUrl {
             url: url.clone(),
             detail,
@@ -258,16 +332,33 @@ impl ClientBuilder {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|source| Error::Connect { url, source })?;
+            .map_err(|source| connect_error(url.clone(), source))?;
         let client = Client {
             channel,
             owner: default_owner(),
             authorization,
         };
         // A first request at once: padlockd closes a connection whose
-        // first request does not come within its --request-timeout. What
-        // it answers (even a refusal) is for the calls that follow to say.
-        let _ = client.health_check().await;
+        // first request does not come within its --request-timeout. A
+        // refusal (too many connections, a token needed) is for the calls
+        // that follow to say; a server that does not speak gRPC is not a
+        // padlockd.
+        match client.health_check().await {
+            Err(Error::Status(status)) if first_answer_failed(&status) => {
+                let detail = chain(&status);
+                return Err(
+                    if status.code() == tonic::Code::Unimplemented
+                        || detail.contains("protocol error")
+                        || detail.contains("http2 error")
+                    {
+                        Error::NotPadlockd { url, detail }
+                    } else {
+                        Error::NoAnswer { url, detail }
+                    },
+                );
+            }
+            _ => {}
+        }
         Ok(client)
     }
 }
@@ -298,6 +389,7 @@ impl Client {
                 owner: self.owner.clone(),
                 ..pb::Acquire::default()
             },
+            on_queued: None,
         }
     }
 
@@ -407,10 +499,30 @@ fn kind_to_wire(kind: Kind) -> pb::Kind {
 }
 
 /// How to take a lock; made by [`Client::lock`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LockBuilder {
     client: Client,
     acquire: pb::Acquire,
+    on_queued: Option<std::sync::Arc<dyn Fn(Queued) + Send + Sync>>,
+}
+
+impl fmt::Debug for LockBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockBuilder")
+            .field("acquire", &self.acquire)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The server's word that a lock request waits in its queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// 1-based place in the queue when queued.
+    pub position: u32,
+    /// Holders the lock had then (on that server).
+    pub holders: u32,
+    /// This waiter's id, as [`Client::show`] lists it.
+    pub waiter_id: String,
 }
 
 impl LockBuilder {
@@ -445,6 +557,13 @@ impl LockBuilder {
     /// pid and host).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.acquire.owner = owner.into();
+        self
+    }
+
+    /// Called when the server queues the request (the lock is held by
+    /// someone else): to show a person what they wait for.
+    pub fn on_queued(mut self, report: impl Fn(Queued) + Send + Sync + 'static) -> Self {
+        self.on_queued = Some(std::sync::Arc::new(report));
         self
     }
 
@@ -497,8 +616,17 @@ impl LockBuilder {
         let granted = loop {
             match responses.message().await? {
                 Some(pb::HoldResponse {
-                    msg: Some(Resp::Queued(_)),
-                }) => continue,
+                    msg: Some(Resp::Queued(q)),
+                }) => {
+                    if let Some(report) = &self.on_queued {
+                        report(Queued {
+                            position: q.position,
+                            holders: q.holders,
+                            waiter_id: q.waiter_id,
+                        });
+                    }
+                    continue;
+                }
                 Some(pb::HoldResponse {
                     msg: Some(Resp::Granted(g)),
                 }) => break g,

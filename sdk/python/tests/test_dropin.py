@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import skip_if_opted_out
 
 SCRIPT = textwrap.dedent(
     """\
@@ -42,8 +43,7 @@ EXPECTED = 'locked busy acquire-release slot redis exceptions'
 
 
 def portalocker_python() -> str:
-    if os.environ.get('PADLOCK_SKIP_PORTALOCKER') == '1':
-        pytest.skip('portalocker interop opted out by PADLOCK_SKIP_PORTALOCKER=1')
+    skip_if_opted_out('PADLOCK_SKIP_PORTALOCKER', 'portalocker interop')
     try:
         import portalocker  # noqa: F401
     except ImportError:

@@ -30,9 +30,15 @@ class LockLost(LockException):
     ``'backend'``, ``'disconnected'``, ``'other'``."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        text = f'lock lost: {_REASONS.get(reason, reason)}'
-        if detail:
-            text += f' ({detail})'
+        # The server's details are whole sentences that say the reason;
+        # the client's own (a broken connection) need the reason first.
+        said = _REASONS.get(reason, reason)
+        if not detail:
+            text = f'lock lost: {said}'
+        elif reason in ('disconnected', 'other'):
+            text = f'lock lost: {said} ({detail})'
+        else:
+            text = f'lock lost: {detail}'
         super().__init__(text)
         self.reason = reason
         self.detail = detail

@@ -18,25 +18,48 @@ const EXIT_NOT_ACQUIRED: u8 = 75;
 /// The lock was lost while held.
 const EXIT_LOST: u8 = 70;
 
+/// Exit codes, for `--help`.
+const EXIT_CODES: &str = "\
+Exit status:
+  0    done (`run`: the command's own status; 128 + N if signal N killed it)
+  75   the lock was not acquired within --wait (held by someone else)
+  70   the lock was lost while held (`run` sends the command SIGTERM first)
+  1    any other error (server unreachable, bad request)
+  2    bad usage
+";
+
 #[derive(Parser)]
 #[command(
     name = "padlock",
     version,
-    about = "Hold padlockd locks from the shell"
+    about = "Hold padlockd locks from the shell",
+    after_help = EXIT_CODES
 )]
 struct Cli {
-    /// padlockd's gRPC address.
-    #[arg(long, global = true, env = "PADLOCK_SERVER", default_value = padlock::DEFAULT_SERVER)]
+    /// padlockd's address: http://HOST:PORT, https://HOST:PORT, or HOST:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "PADLOCK_SERVER",
+        default_value = padlock::DEFAULT_SERVER,
+        help_heading = "Connection"
+    )]
     server: String,
     /// CA bundle (PEM) that signed the server's certificate, for https:// servers.
-    #[arg(long, global = true, env = "PADLOCK_CA_CERT")]
+    #[arg(
+        long,
+        global = true,
+        env = "PADLOCK_CA_CERT",
+        help_heading = "Connection"
+    )]
     ca_cert: Option<std::path::PathBuf>,
     /// Client certificate (PEM), for servers that require one (mutual TLS).
     #[arg(
         long,
         global = true,
         env = "PADLOCK_CLIENT_CERT",
-        requires = "client_key"
+        requires = "client_key",
+        help_heading = "Connection"
     )]
     client_cert: Option<std::path::PathBuf>,
     /// Client certificate's private key (PEM).
@@ -44,12 +67,18 @@ struct Cli {
         long,
         global = true,
         env = "PADLOCK_CLIENT_KEY",
-        requires = "client_cert"
+        requires = "client_cert",
+        help_heading = "Connection"
     )]
     client_key: Option<std::path::PathBuf>,
     /// File holding the client token (first line). PADLOCK_TOKEN gives the
     /// token itself.
-    #[arg(long, global = true, env = "PADLOCK_TOKEN_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "PADLOCK_TOKEN_FILE",
+        help_heading = "Connection"
+    )]
     token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -57,16 +86,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Hold a lock while a command runs; the command gets PADLOCK_FENCE
-    /// (and PADLOCK_SLOT for semaphores) in its environment.
+    /// Hold a lock while a command runs: `padlock run NAME -- COMMAND [ARGS]`.
+    /// The command gets PADLOCK_FENCE (and PADLOCK_SLOT for semaphores) in
+    /// its environment.
+    #[command(after_help = EXIT_CODES)]
     Run {
         #[command(flatten)]
         lock: LockArgs,
-        /// The command and its arguments (after `--`).
-        #[arg(required = true, last = true)]
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
     /// Hold a lock until interrupted (Ctrl-C or SIGTERM); prints the grant.
+    #[command(after_help = EXIT_CODES)]
     Hold {
         #[command(flatten)]
         lock: LockArgs,
@@ -79,9 +111,11 @@ enum Command {
     },
     /// Show one lock: its holders and waiters.
     Show {
+        /// The lock's name.
         name: String,
-        #[arg(long, value_enum, default_value_t = KindArg::File)]
-        kind: KindArg,
+        /// Only this kind [default: look in every kind].
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
     },
     /// Measure latency and throughput of a padlockd deployment.
     Bench(bench::BenchArgs),
@@ -97,6 +131,24 @@ enum KindArg {
     Redis,
 }
 
+impl From<KindArg> for Kind {
+    fn from(kind: KindArg) -> Kind {
+        match kind {
+            KindArg::File => Kind::File,
+            KindArg::Semaphore => Kind::Semaphore,
+            KindArg::Redis => Kind::Redis,
+        }
+    }
+}
+
+fn kind_str(kind: Kind) -> &'static str {
+    match kind {
+        Kind::File => "file",
+        Kind::Semaphore => "semaphore",
+        Kind::Redis => "redis",
+    }
+}
+
 #[derive(Args)]
 struct LockArgs {
     /// Kind of lock [default: file, or semaphore when --limit is given].
@@ -108,12 +160,17 @@ struct LockArgs {
     /// Semaphore slot count.
     #[arg(long)]
     limit: Option<u32>,
-    /// Give up after this many seconds (0: try once). Default: wait forever.
-    #[arg(long, value_name = "SECS")]
-    wait: Option<f64>,
+    /// Give up after this long: 500ms, 30s, 1m, 1h or seconds (0: try
+    /// once). Default: wait as long as it takes.
+    #[arg(long, value_name = "DURATION", value_parser = padlock::duration::parse)]
+    wait: Option<Duration>,
     /// Who holds the lock, as shown by `padlock list`.
     #[arg(long)]
     owner: Option<String>,
+    /// Say nothing while waiting (on a terminal, a waiting line shows the
+    /// queue position, the holders and the time waited).
+    #[arg(long, short)]
+    quiet: bool,
     /// The lock's name.
     name: String,
 }
@@ -140,8 +197,6 @@ impl LockArgs {
             builder = builder.shared();
         }
         if let Some(wait) = self.wait {
-            let wait =
-                Duration::try_from_secs_f64(wait).map_err(|e| format!("--wait {wait}: {e}"))?;
             builder = builder.wait(wait);
         }
         if let Some(owner) = &self.owner {
@@ -191,6 +246,16 @@ fn connection(cli: &Cli) -> Result<ClientBuilder, String> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
+    // Usage mistakes are told before anything is connected to.
+    if let Command::Run { lock, command } = &cli.command
+        && command.is_empty()
+    {
+        eprintln!(
+            "padlock: run needs the command to run, after `--`: padlock run {} -- COMMAND [ARGS...]",
+            lock.name
+        );
+        return Ok(ExitCode::from(2));
+    }
     let connection = connection(&cli)?;
     let client = connection
         .clone()
@@ -206,27 +271,44 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { name, kind } => {
-            let kind = match kind {
-                KindArg::File => Kind::File,
-                KindArg::Semaphore => Kind::Semaphore,
-                KindArg::Redis => Kind::Redis,
+            let kinds = match kind {
+                Some(kind) => vec![kind.into()],
+                None => vec![Kind::File, Kind::Semaphore, Kind::Redis],
             };
-            match client.show(&name, kind).await.map_err(|e| e.to_string())? {
-                Some(info) => {
-                    print!("{}", render_show(&info, SystemTime::now()));
-                    Ok(ExitCode::SUCCESS)
-                }
-                None => {
-                    Err(format!("nobody holds or waits for {kind:?} lock '{name}'").to_lowercase())
+            let mut found = Vec::new();
+            for kind in kinds {
+                if let Some(info) = client.show(&name, kind).await.map_err(|e| e.to_string())? {
+                    found.push(info);
                 }
             }
+            if found.is_empty() {
+                return Err(match kind {
+                    Some(kind) => format!(
+                        "nobody holds or waits for {} lock '{name}'",
+                        kind_str(kind.into())
+                    ),
+                    None => {
+                        format!("nobody holds or waits for a lock named '{name}' (of any kind)")
+                    }
+                });
+            }
+            let shown: Vec<String> = found
+                .iter()
+                .map(|info| render_show(info, SystemTime::now()))
+                .collect();
+            print!("{}", shown.join("\n"));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Health => match client.health_check().await {
             Ok(true) => {
                 println!("serving");
                 Ok(ExitCode::SUCCESS)
             }
-            Ok(false) => Err("padlockd is not serving (draining?)".into()),
+            Ok(false) => Err(
+                "padlockd is not ready: it is shutting down, or a backend it serves (Redis) is \
+                 down (its /readyz says which)"
+                    .into(),
+            ),
             Err(e) => Err(e.to_string()),
         },
         Command::Bench(args) => bench::run(&client, &connection, &cli.server, args)
@@ -236,12 +318,51 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
 }
 
 /// Acquires, or says why not: `Err(exit code)` after printing the reason.
+/// While it waits, on a terminal, a line (updated in place) says what for.
 async fn acquire(client: &Client, lock: &LockArgs) -> Result<LockGuard, ExitCode> {
-    let builder = lock.builder(client).map_err(|message| {
+    let mut builder = lock.builder(client).map_err(|message| {
         eprintln!("padlock: {message}");
         ExitCode::FAILURE
     })?;
-    match builder.acquire().await {
+    let progress = !lock.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (queued_tx, mut queued) = tokio::sync::watch::channel(None::<String>);
+    if progress {
+        builder = builder.on_queued(move |q| {
+            let _ = queued_tx.send(Some(q.waiter_id));
+        });
+    }
+    let started = std::time::Instant::now();
+    let acquiring = builder.acquire();
+    tokio::pin!(acquiring);
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut acquiring => break result,
+            changed = queued.changed(), if progress => {
+                if changed.is_err() {
+                    continue;
+                }
+                let Some(id) = queued.borrow_and_update().clone() else { continue };
+                // Queued: say so until granted, refreshed twice a second.
+                let watch = async {
+                    loop {
+                        let line = waiting_line(client, lock, &id, started.elapsed()).await;
+                        eprint!("\r\x1b[K{line}");
+                        shown = true;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                };
+                tokio::select! {
+                    result = &mut acquiring => break result,
+                    () = watch => unreachable!("the waiting line loops"),
+                }
+            }
+        }
+    };
+    if shown {
+        eprint!("\r\x1b[K");
+    }
+    match result {
         Ok(guard) => Ok(guard),
         Err(Error::NotAcquired(message)) => {
             eprintln!("padlock: not acquired: {message}");
@@ -252,6 +373,33 @@ async fn acquire(client: &Client, lock: &LockArgs) -> Result<LockGuard, ExitCode
             Err(ExitCode::FAILURE)
         }
     }
+}
+
+/// "waiting for file lock 'x': 2 of 3 in line, held by padlock[42]@host
+/// for 1m05s; waited 12.0s".
+async fn waiting_line(client: &Client, lock: &LockArgs, id: &str, waited: Duration) -> String {
+    let kind = lock.kind().into();
+    let waited = span(waited.as_millis() as u64);
+    let head = format!("waiting for {} lock '{}'", kind_str(kind), lock.name);
+    let Ok(Some(info)) = client.show(&lock.name, kind).await else {
+        return format!("{head}; waited {waited}");
+    };
+    let place = match info.waiters.iter().find(|w| w.id == id) {
+        Some(me) => format!("{} of {} in line", me.position, info.waiters_total),
+        None => format!("{} in line", info.waiters_total),
+    };
+    let now = SystemTime::now();
+    let held = match info.holders.first() {
+        Some(h) if info.holders_total > 1 => format!(
+            "held by {} and {} more for {}",
+            h.owner,
+            info.holders_total - 1,
+            age(h.since_unix_ms, now)
+        ),
+        Some(h) => format!("held by {} for {}", h.owner, age(h.since_unix_ms, now)),
+        None => "held by a process outside padlockd".to_string(),
+    };
+    format!("{head}: {place}, {held}; waited {waited}")
 }
 
 async fn run_command(
@@ -384,7 +532,11 @@ fn age(since_ms: u64, now: SystemTime) -> String {
     let now_ms = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let ms = now_ms.saturating_sub(since_ms);
+    span(now_ms.saturating_sub(since_ms))
+}
+
+/// "0.4s", "3.2s", "4m05s", "2h03m".
+fn span(ms: u64) -> String {
     let secs = ms / 1000;
     match secs {
         0..60 => format!("{}.{}s", secs, (ms % 1000) / 100),
