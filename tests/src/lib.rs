@@ -103,8 +103,9 @@ impl Server {
         let addr = loop {
             match lines.next() {
                 Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("padlockd listening on ") {
-                        break addr.trim().parse::<SocketAddr>().expect("address");
+                    if let Some(rest) = line.strip_prefix("padlockd listening on ") {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        break addr.parse::<SocketAddr>().expect("address");
                     }
                 }
                 _ => panic!("padlockd exited before listening: {:?}", child.wait()),
@@ -270,8 +271,7 @@ pub fn read_line_starting(reader: &mut impl BufRead, prefix: &str) -> String {
 /// when the interop tests were explicitly opted out with
 /// `PADLOCK_SKIP_PORTALOCKER=1`. Panics with install instructions otherwise.
 pub fn portalocker_python() -> Option<PathBuf> {
-    if std::env::var("PADLOCK_SKIP_PORTALOCKER").is_ok_and(|v| v == "1") {
-        eprintln!("portalocker interop test opted out by PADLOCK_SKIP_PORTALOCKER=1");
+    if opted_out("PADLOCK_SKIP_PORTALOCKER") {
         return None;
     }
     let candidates = [
@@ -468,11 +468,41 @@ impl Drop for RedisServer {
 }
 
 /// True when the redis tests were explicitly opted out
-/// (`PADLOCK_SKIP_REDIS=1`); says so on stderr.
+/// (`PADLOCK_SKIP_REDIS=1`); see [`opted_out`].
 pub fn redis_opted_out() -> bool {
-    let out = std::env::var("PADLOCK_SKIP_REDIS").is_ok_and(|v| v == "1");
-    if out {
-        eprintln!("redis test opted out by PADLOCK_SKIP_REDIS=1");
+    opted_out("PADLOCK_SKIP_REDIS")
+}
+
+/// The file where opted-out tests write their names, for `tests/run.sh`
+/// to show in its summary (`target/<profile>/padlock-skipped.log`).
+pub fn skipped_log() -> PathBuf {
+    bin_dir().join("padlock-skipped.log")
+}
+
+/// True when the calling test is opted out by `var=1` (a machine without
+/// Redis, portalocker or a browser). A skip is never silent: it is said
+/// on stderr and written to [`skipped_log`], which `tests/run.sh` prints
+/// as SKIPPED at the end. Under `CI=true` an opt-out is refused: the test
+/// fails, since CI runs everything.
+pub fn opted_out(var: &str) -> bool {
+    if !std::env::var(var).is_ok_and(|v| v == "1") {
+        return false;
     }
-    out
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
+        "{test}: {var}=1 is refused under CI=true: CI runs every test; unset {var}"
+    );
+    let line = format!("SKIPPED {test} (opted out by {var}=1)");
+    eprintln!("{line}");
+    use std::io::Write;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skipped_log());
+    if let Ok(mut log) = log {
+        let _ = writeln!(log, "{line}");
+    }
+    true
 }

@@ -26,8 +26,7 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// The browser and its driver, or `None` when opted out.
 fn browser() -> Option<(PathBuf, PathBuf)> {
-    if std::env::var("PADLOCK_SKIP_BROWSER").is_ok_and(|v| v == "1") {
-        eprintln!("dashboard browser test opted out by PADLOCK_SKIP_BROWSER=1");
+    if padlock_e2e::opted_out("PADLOCK_SKIP_BROWSER") {
         return None;
     }
     let find = |env: &str, names: &[&str]| -> Option<PathBuf> {

@@ -13,7 +13,7 @@ use padlock::{Client, Kind, LockGuard};
 use padlock_e2e::{Server, portalocker_python, read_line_starting, wait_child};
 use std::io::BufReader;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -195,15 +195,6 @@ fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-/// The interop python, or `None` (after saying so) when opted out.
-fn python_or_skip(test: &str) -> Option<PathBuf> {
-    let python = portalocker_python();
-    if python.is_none() {
-        eprintln!("{test}: skipped, PADLOCK_SKIP_PORTALOCKER=1");
-    }
-    python
-}
-
 /// One flock(2) entry of `/proc/locks`.
 #[derive(Debug, PartialEq, Eq)]
 struct Flock {
@@ -320,7 +311,7 @@ fn flock_now(path: &Path, mode: &str) -> ExitStatus {
 /// Python releases, and from then on Python is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_lock_holds_off_padlock_until_released() {
-    let Some(python) = python_or_skip("python_lock_holds_off_padlock_until_released") else {
+    let Some(python) = portalocker_python() else {
         return;
     };
     let server = Server::start();
@@ -374,7 +365,7 @@ async fn python_lock_holds_off_padlock_until_released() {
 /// padlock is refused until Python lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn padlock_lock_holds_off_python_until_released() {
-    let Some(python) = python_or_skip("padlock_lock_holds_off_python_until_released") else {
+    let Some(python) = portalocker_python() else {
         return;
     };
     let server = Server::start();
@@ -411,8 +402,7 @@ async fn padlock_lock_holds_off_python_until_released() {
 /// requests out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_locks_coexist_with_python_and_exclude_writers() {
-    let Some(python) = python_or_skip("shared_locks_coexist_with_python_and_exclude_writers")
-    else {
+    let Some(python) = portalocker_python() else {
         return;
     };
     let server = Server::start();
@@ -474,7 +464,7 @@ async fn shared_locks_coexist_with_python_and_exclude_writers() {
 /// Python left free, and Python gets no slot while padlock holds both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_semaphore_slots_are_shared_with_python() {
-    let Some(python) = python_or_skip("bounded_semaphore_slots_are_shared_with_python") else {
+    let Some(python) = portalocker_python() else {
         return;
     };
     let server = Server::start();
