@@ -274,6 +274,7 @@ async fn serve_connection(
     let hard_close = tokio::time::sleep(Duration::MAX);
     tokio::pin!(hard_close);
     let mut abandoning = false;
+    let mut silent_counted = false;
     let connection = builder.serve_connection(TokioIo::new(conn), service);
     tokio::pin!(connection);
     let idle = idle(activity.clone(), settings.idle_timeout);
@@ -283,6 +284,15 @@ async fn serve_connection(
         tokio::select! {
             served = connection.as_mut() => {
                 if let Err(err) = served {
+                    // hyper's header read timeout is the request timeout
+                    // too: count it, unless the silent timer (due at the
+                    // same moment) already did.
+                    let timed_out = err
+                        .downcast_ref::<hyper::Error>()
+                        .is_some_and(hyper::Error::is_timeout);
+                    if timed_out && !silent_counted {
+                        settings.stats.request_timeouts.fetch_add(1, Relaxed);
+                    }
                     tracing::debug!(?peer, %err, "connection ended with an error");
                 }
                 return;
@@ -290,6 +300,7 @@ async fn serve_connection(
             () = &mut silent, if !closing => {
                 tracing::debug!(?peer, "closing a connection whose first request did not come");
                 settings.stats.request_timeouts.fetch_add(1, Relaxed);
+                silent_counted = true;
                 connection.as_mut().graceful_shutdown();
                 closing = true;
                 abandoning = true;
