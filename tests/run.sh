@@ -67,7 +67,8 @@ fi
 cargo build --workspace --bins
 skipped_log=target/debug/padlock-skipped.log
 rm -f "$skipped_log"
-cargo test --workspace "$@"
+# Every test binary runs, so one failure does not hide the others.
+cargo test --workspace --no-fail-fast "$@"
 
 PADLOCK_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q -rs sdk/python/tests
 

@@ -936,8 +936,17 @@ async fn padlockd_processes_on_one_directory_take_turns() {
         let client = b.client().await;
         tokio::spawn(async move { client.lock("turns").acquire().await })
     };
-    // Queued on b means b has found the lock taken (and announced it).
     until_waiters(&b_client, "turns", Kind::File, 1).await;
+    // A waiter is listed as soon as it queues; b announces it (a shared
+    // flock on its .want file) once its first attempt finds the lock
+    // taken. Released before that, the lock would go to a's waiter.
+    let want = dir.path().join(".padlock/wanted/file/turns.want");
+    eventually("b's announcement", GUARD, async || {
+        let file = std::fs::File::open(&want).ok()?;
+        let exclusive = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+        rustix::fs::flock(&file, exclusive).is_err().then_some(())
+    })
+    .await;
     drop(first);
     let b_granted = guarded("b's turn", b_waiter).await.unwrap().unwrap();
     assert!(!a_next.is_finished(), "a's own waiter went first");
