@@ -398,6 +398,7 @@ fn waiter_to_wire(w: WaiterView) -> pb::WaiterInfo {
         peer: w.peer,
         position: w.position,
         since_unix_ms: unix_ms(w.since),
+        deadline_unix_ms: w.deadline.map_or(0, unix_ms),
         mode: mode_to_wire(w.mode) as i32,
         labels: w.labels.into_iter().collect(),
     }

@@ -9,6 +9,7 @@ pub mod config;
 mod connections;
 pub mod fds;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod kinds;
 pub mod locks;

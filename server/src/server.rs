@@ -45,6 +45,7 @@ const OVERFLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs padlockd until SIGTERM or SIGINT, then drains: holders are told
 /// `Lost{shutdown}`, waiters get UNAVAILABLE, and the server exits.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    let started = std::time::SystemTime::now();
     let fds = Descriptors::raise_and_plan(config.max_connections);
     let lock_dir = config.lock_dir();
     let shown = lock_dir.display().to_string();
@@ -215,6 +216,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics: metrics.clone(),
         stop: stop_rx.clone(),
         clients: tokens.clone(),
+        facts: Arc::new(crate::http::Facts {
+            started,
+            lock_dir: shown.clone(),
+            tls: tls_on,
+        }),
     };
     let serving = Serving {
         keepalive_interval: config.keepalive_interval,

@@ -2,6 +2,9 @@
 //!
 //! The stream opens with a `ready` event (the subscription exists from
 //! then on, so a client that fetches `/v1/locks` after it misses nothing).
+//! With `replay=N`, up to N recent events come first (from
+//! [`crate::history`]); each event's `seq` tells the live ones that were
+//! already replayed, so none is sent twice or missed.
 //! A subscriber that falls more than `EVENT_BACKLOG` events behind gets a
 //! `lagged` event with the count it missed, and should re-fetch the state.
 //! On shutdown the stream delivers what the drain emitted (holders' `lost`
@@ -42,16 +45,35 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let scope = app.access(&headers)?;
-    let follow = Follow {
+    let replay = q.replay.unwrap_or(0) as usize;
+    if replay > crate::history::RECENT {
+        return Err(ApiError::bad_request(format!(
+            "replay must be at most {}",
+            crate::history::RECENT
+        )));
+    }
+    let mut follow = Follow {
         scope,
+        // Subscribed before the replay is read: nothing falls between.
         events: app.table.subscribe(),
         stop: app.stop.clone(),
         stopping: false,
         ready: false,
         kind: q.kind.map(Kind::from),
         prefix: q.prefix.unwrap_or_default(),
+        replay: Default::default(),
+        replayed_to: 0,
         app,
     };
+    if replay > 0 {
+        let events = follow
+            .app
+            .metrics
+            .history
+            .recent(replay, |e| follow.wanted(e));
+        follow.replayed_to = events.last().map_or(0, |e| e.seq);
+        follow.replay = events.into();
+    }
     let stream = futures_util::stream::unfold(follow, |mut follow| async move {
         let event = follow.next().await?;
         Some((Ok(event), follow))
@@ -69,6 +91,10 @@ struct Follow {
     prefix: String,
     /// The names a client token may see (`None`: all).
     scope: Option<Scope>,
+    /// Recent events still to send, before `ready`.
+    replay: std::collections::VecDeque<Event>,
+    /// The last replayed event's `seq`: live events up to it were sent.
+    replayed_to: u64,
     app: App,
 }
 
@@ -80,6 +106,9 @@ impl Follow {
     }
 
     async fn next(&mut self) -> Option<SseEvent> {
+        if let Some(event) = self.replay.pop_front() {
+            return Some(to_sse(&event));
+        }
         if !self.ready {
             self.ready = true;
             return Some(
@@ -111,7 +140,9 @@ impl Follow {
                 }
             };
             match received {
-                Ok(event) if self.wanted(&event) => return Some(to_sse(&event)),
+                Ok(event) if event.seq > self.replayed_to && self.wanted(&event) => {
+                    return Some(to_sse(&event));
+                }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     self.app
@@ -135,5 +166,6 @@ fn to_sse(event: &Event) -> SseEvent {
     let data = serde_json::to_string(&json).unwrap_or_else(|_| "{}".into());
     SseEvent::default()
         .event(json.event_type.as_str())
+        .id(event.seq.to_string())
         .data(data)
 }

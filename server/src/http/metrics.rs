@@ -140,6 +140,8 @@ pub struct Metrics {
     pub connections: Arc<crate::serve::ConnectionStats>,
     /// The descriptors locks may use, and use.
     descriptors: std::sync::OnceLock<Arc<crate::fds::Descriptors>>,
+    /// Recent events and the last minutes, for the dashboard.
+    pub history: crate::history::History,
 }
 
 impl Metrics {
@@ -161,6 +163,7 @@ impl Metrics {
             tls_handshake_failures: Arc::default(),
             connections: Arc::default(),
             descriptors: std::sync::OnceLock::new(),
+            history: crate::history::History::new(),
         }
     }
 
@@ -187,6 +190,8 @@ impl Metrics {
 
     pub fn record(&self, event: &Event) {
         let k = kind_index(event.kind);
+        // A grant that came after a wait in the queue.
+        let mut queued = false;
         match &event.what {
             EventKind::Queued { .. } => {
                 self.queued.add(event.kind);
@@ -197,7 +202,8 @@ impl Metrics {
                 self.waiters[k].fetch_add(1, Relaxed);
             }
             EventKind::Granted { waited, .. } => {
-                if self.stop_waiting(event.id) {
+                queued = self.stop_waiting(event.id);
+                if queued {
                     self.waiters[k].fetch_sub(1, Relaxed);
                 }
                 self.grants.add(event.kind);
@@ -221,6 +227,16 @@ impl Metrics {
                 self.abandoned.add(event.kind);
             }
         }
+        let (holders, waiters) = self.holders_and_waiters();
+        self.history.record(event, holders, waiters, queued);
+    }
+
+    /// Current holders and waiters, all kinds.
+    pub fn holders_and_waiters(&self) -> (u64, u64) {
+        let total = |gauges: &[AtomicI64; 3]| -> u64 {
+            gauges.iter().map(|g| g.load(Relaxed).max(0) as u64).sum()
+        };
+        (total(&self.holders), total(&self.waiters))
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
@@ -360,7 +376,7 @@ impl Metrics {
              # HELP padlock_idle_connections_closed_total Connections closed after --idle-timeout with nothing open on them.\n\
              # TYPE padlock_idle_connections_closed_total counter\n\
              padlock_idle_connections_closed_total {idle_closed}\n\
-             # HELP padlock_request_timeouts_total Requests, Hold streams without an Acquire and connections that sent nothing, cut by --request-timeout.\n\
+             # HELP padlock_request_timeouts_total Requests (or their headers), Hold streams without an Acquire and connections that sent nothing, cut by --request-timeout.\n\
              # TYPE padlock_request_timeouts_total counter\n\
              padlock_request_timeouts_total {request_timeouts}\n\
              # HELP padlock_sse_lagged_events_total Events that slow /v1/events subscribers missed.\n\
@@ -385,6 +401,7 @@ mod tests {
 
     fn event(id: u64, what: EventKind) -> Event {
         Event {
+            seq: id,
             at: SystemTime::now(),
             kind: Kind::File,
             name: Arc::from("a"),

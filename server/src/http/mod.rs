@@ -16,12 +16,14 @@
 //! | `POST /v1/locks/{name}/hold` | hold a lock while the response is read (NDJSON) |
 //! | `DELETE /v1/locks/{name}/holders/{id}` | revoke a holder (admin token) |
 //! | `DELETE /v1/holders/{id}` | revoke a holder by its id alone (admin token) |
-//! | `GET /v1/events` | live events (SSE) |
+//! | `GET /v1/events` | live events (SSE; `replay` recent ones first) |
+//! | `GET /v1/server` | version, uptime, kinds and their health, readiness |
+//! | `GET /v1/stats` | the last 15 minutes: series, percentiles, contention |
 //! | `GET /v1/openapi.json` | this API, generated from the code |
 //! | `GET /healthz`, `/readyz`, `/metrics` | for operators |
 //!
 //! With `--client-token-file`, the lock endpoints (list, show, hold,
-//! events) need a client token, as the gRPC service does, and are limited to
+//! events, server, stats) need a client token, as the gRPC service does, and are limited to
 //! its name prefix ([`App::access`]); revoke needs the admin token
 //! ([`Admin`]). The operators' endpoints and the dashboard's files are open.
 
@@ -34,10 +36,12 @@ mod locks;
 pub mod metrics;
 pub mod model;
 mod openapi;
+mod stats;
 
 pub use auth::{Admin, TokenError};
 pub use metrics::Metrics;
 pub use openapi::ApiDoc;
+pub use stats::Facts;
 
 use crate::auth::{ClientTokens, Scope};
 use crate::locks::LockTable;
@@ -64,6 +68,8 @@ pub struct App {
     /// `--client-token-file`: which lock names a token may see and take
     /// (`None`: anyone may use any name, as on the gRPC side).
     pub clients: Option<Arc<ClientTokens>>,
+    /// Facts fixed at start-up, for `/v1/server`.
+    pub facts: Arc<Facts>,
 }
 
 impl App {
@@ -111,6 +117,8 @@ pub fn router(app: App) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi::document))
         .route("/v1/events", get(events::events))
+        .route("/v1/server", get(stats::server))
+        .route("/v1/stats", get(stats::stats))
         .route("/v1/locks", get(locks::list_locks))
         .route(
             "/v1/locks/{*rest}",

@@ -132,6 +132,10 @@ pub struct Waiter {
     /// When it started waiting (RFC 3339, UTC).
     pub since: String,
     pub since_unix_ms: u64,
+    /// When it gives up waiting (RFC 3339, UTC); null when it waits as
+    /// long as it takes.
+    pub deadline: Option<String>,
+    pub deadline_unix_ms: Option<u64>,
     pub mode: Mode,
     pub labels: BTreeMap<String, String>,
 }
@@ -221,6 +225,8 @@ impl EventType {
 pub struct Event {
     #[serde(rename = "type")]
     pub event_type: EventType,
+    /// Numbers events in the order they happened, from 1 (per server run).
+    pub seq: u64,
     pub at: String,
     pub at_unix_ms: u64,
     pub kind: Kind,
@@ -254,6 +260,7 @@ impl From<&locks::Event> for Event {
         use locks::EventKind as K;
         let mut out = Event {
             event_type: EventType::Queued,
+            seq: e.seq,
             at: rfc3339(e.at),
             at_unix_ms: unix_ms(e.at),
             kind: e.kind.into(),
@@ -335,6 +342,8 @@ impl From<WaiterView> for Waiter {
             position: w.position,
             since: rfc3339(w.since),
             since_unix_ms: unix_ms(w.since),
+            deadline: w.deadline.map(rfc3339),
+            deadline_unix_ms: w.deadline.map(unix_ms),
             mode: w.mode.into(),
             labels: w.labels,
         }
@@ -386,7 +395,7 @@ pub struct KindQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ShowQuery {
-    /// Default `file`.
+    /// Only this kind (default: every kind; 300 when several have the name).
     pub kind: Option<Kind>,
     /// Waiters to skip from the head of the queue (default 0).
     pub waiter_offset: Option<u32>,
@@ -403,6 +412,11 @@ pub struct EventsQuery {
     pub kind: Option<Kind>,
     /// Only events of locks whose name starts with this.
     pub prefix: Option<String>,
+    /// Send up to this many recent events (0-500, default 0) before
+    /// `ready`, oldest first: a page that opens now shows what happened.
+    /// No event is sent twice and none is missed between them and the live
+    /// ones.
+    pub replay: Option<u32>,
 }
 
 /// `POST /v1/locks/{name}/hold` parameters, in the query string. The same

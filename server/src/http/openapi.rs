@@ -32,6 +32,8 @@ use utoipa::{Modify, OpenApi};
         super::hold::hold,
         super::locks::revoke,
         super::locks::revoke_holder,
+        super::stats::server,
+        super::stats::stats,
     ),
     components(schemas(
         ErrorBody,
@@ -51,6 +53,13 @@ use utoipa::{Modify, OpenApi};
         model::HoldBody,
         model::Event,
         model::EventType,
+        super::stats::ServerState,
+        super::stats::KindState,
+        super::stats::Stats,
+        super::stats::PerSecond,
+        super::stats::MinuteStats,
+        super::stats::Percentiles,
+        super::stats::Contended,
     )),
     modifiers(&AdminToken),
     tags(

@@ -80,6 +80,8 @@ struct Entry {
     since: SystemTime,
     mode: Mode,
     labels: BTreeMap<String, String>,
+    /// When a waiter gives up (wall clock, for views), if it ever does.
+    deadline: Option<SystemTime>,
     /// Try-lock: never queue behind anyone.
     try_once: bool,
     tx: mailbox::Sender,
@@ -166,6 +168,8 @@ struct Shared {
     /// Called with every event, synchronously, under the table's mutex:
     /// for metrics that must not miss events when subscribers lag.
     observer: std::sync::OnceLock<Observer>,
+    /// The last event's [`Event::seq`]; bumped under the table's mutex.
+    event_seq: std::sync::atomic::AtomicU64,
     kinds: HashMap<Kind, Box<dyn KindImpl>>,
     fences: fence::Fences,
     limits: Limits,
@@ -258,6 +262,7 @@ impl LockTable {
                 }),
                 events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
                 observer: std::sync::OnceLock::new(),
+                event_seq: std::sync::atomic::AtomicU64::new(0),
                 kinds,
                 fences,
                 limits,
@@ -292,7 +297,14 @@ impl LockTable {
         if observer.is_none() && !subscribed {
             return;
         }
+        // Every emit runs under the table's mutex, so numbers follow the
+        // order of the sends.
+        let seq = 1 + self
+            .shared
+            .event_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let event = Event {
+            seq,
             at: SystemTime::now(),
             kind: key.1,
             name: key.0.clone(),
@@ -369,6 +381,11 @@ impl LockTable {
         let deadline = req.deadline();
         let (tx, rx) = mailbox::mailbox();
         let key: Key = (Arc::from(req.name.as_str()), req.kind);
+        let since = SystemTime::now();
+        let gives_up = req
+            .wait
+            .filter(|w| !w.is_zero())
+            .and_then(|w| since.checked_add(w));
         let id = {
             let mut st = self.state();
             if st.draining {
@@ -410,9 +427,10 @@ impl LockTable {
                 id,
                 owner: req.owner,
                 peer: req.peer,
-                since: SystemTime::now(),
+                since,
                 mode: req.mode,
                 labels: req.labels,
+                deadline: gives_up,
                 try_once,
                 tx,
             });
@@ -954,6 +972,13 @@ impl LockTable {
             }
         }
         after.finish();
+    }
+
+    /// The kinds this server serves, in order.
+    pub fn kinds(&self) -> Vec<Kind> {
+        let mut kinds: Vec<Kind> = self.shared.kinds.keys().copied().collect();
+        kinds.sort();
+        kinds
     }
 
     /// The kinds whose backend refuses requests right now (Redis down).

@@ -287,6 +287,10 @@ pub struct Grant {
 /// (and are told so by the channel), the table never waits for them.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// Numbers events in the order they happened (and were sent), from 1:
+    /// a replay of recent events and the live stream meet without gaps or
+    /// repeats.
+    pub seq: u64,
     pub at: SystemTime,
     pub kind: Kind,
     pub name: Arc<str>,

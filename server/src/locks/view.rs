@@ -48,6 +48,8 @@ pub struct WaiterView {
     pub peer: String,
     pub position: u32,
     pub since: SystemTime,
+    /// When it gives up, if it has a wait.
+    pub deadline: Option<SystemTime>,
     pub mode: Mode,
     pub labels: BTreeMap<String, String>,
 }
@@ -186,6 +188,7 @@ fn view_costed(key: &Key, lock: &Lock, detail: &Detail) -> (LockView, usize) {
             peer: w.peer.clone(),
             position: i as u32 + 1,
             since: w.since,
+            deadline: w.deadline,
             mode: w.mode,
             labels: w.labels.clone(),
         });
