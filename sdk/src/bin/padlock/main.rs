@@ -535,6 +535,17 @@ fn age(since_ms: u64, now: SystemTime) -> String {
     span(now_ms.saturating_sub(since_ms))
 }
 
+/// How long until a waiter gives up ("-": it waits as long as it takes).
+fn gives_up(deadline_ms: u64, now: SystemTime) -> String {
+    if deadline_ms == 0 {
+        return "-".into();
+    }
+    let now_ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    span(deadline_ms.saturating_sub(now_ms))
+}
+
 /// "0.4s", "3.2s", "4m05s", "2h03m".
 fn span(ms: u64) -> String {
     let secs = ms / 1000;
@@ -633,6 +644,10 @@ fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
         &["ID", "MODE", "FENCE", "SLOT", "HELD FOR", "PEER", "OWNER"],
         &holders,
     ));
+    if l.waiters_total == 0 {
+        out.push_str("\nwaiters: none\n");
+        return out;
+    }
     out.push_str("\nwaiters:\n");
     let waiters: Vec<Vec<String>> = l
         .waiters
@@ -643,13 +658,22 @@ fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
                 w.id.clone(),
                 mode_name(w.mode).into(),
                 age(w.since_unix_ms, now),
+                gives_up(w.deadline_unix_ms, now),
                 w.peer.clone(),
                 w.owner.clone(),
             ]
         })
         .collect();
     out.push_str(&table(
-        &["POS", "ID", "MODE", "WAITING", "PEER", "OWNER"],
+        &[
+            "POS",
+            "ID",
+            "MODE",
+            "WAITING",
+            "GIVES UP IN",
+            "PEER",
+            "OWNER",
+        ],
         &waiters,
     ));
     let shown = (l.holders.len(), l.waiters.len());
@@ -697,6 +721,58 @@ mod tests {
             "jobs/nightly  semaphore  exclusive  1/3      0        42     1m15s     cron"
         );
         assert_eq!(render_list(&[], now), "no locks are held or waited for\n");
+    }
+
+    #[test]
+    fn show_says_when_nobody_waits() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let holder = proto::HolderInfo {
+            id: "7".into(),
+            owner: "cron".into(),
+            fence: 42,
+            since_unix_ms: 1000 * 1000 - 2_000,
+            peer: "127.0.0.1:5000".into(),
+            mode: proto::Mode::Exclusive as i32,
+            ..Default::default()
+        };
+        let mut lock = proto::LockInfo {
+            name: "jobs/nightly".into(),
+            kind: proto::Kind::File as i32,
+            mode: proto::Mode::Exclusive as i32,
+            holders: vec![holder],
+            holders_total: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            render_show(&lock, now),
+            "jobs/nightly (file)\n\n\
+             holders:\n\
+             ID  MODE       FENCE  SLOT  HELD FOR  PEER            OWNER\n\
+             7   exclusive  42     -     2.0s      127.0.0.1:5000  cron\n\
+             \n\
+             waiters: none\n"
+        );
+        lock.waiters = vec![proto::WaiterInfo {
+            position: 1,
+            id: "8".into(),
+            owner: "bob".into(),
+            since_unix_ms: 1000 * 1000 - 1_500,
+            deadline_unix_ms: 1000 * 1000 + 28_500,
+            peer: "127.0.0.1:5001".into(),
+            mode: proto::Mode::Exclusive as i32,
+            ..Default::default()
+        }];
+        lock.waiters_total = 1;
+        let text = render_show(&lock, now);
+        let waiters: Vec<&str> = text.lines().skip_while(|l| *l != "waiters:").collect();
+        assert_eq!(
+            waiters,
+            [
+                "waiters:",
+                "POS  ID  MODE       WAITING  GIVES UP IN  PEER            OWNER",
+                "1    8   exclusive  1.5s     28.5s        127.0.0.1:5001  bob",
+            ]
+        );
     }
 
     #[test]
