@@ -870,6 +870,8 @@ fn served_routes() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         ("/v1/locks/{name}/hold", BTreeSet::from(["post"])),
         ("/v1/locks/{name}/holders/{id}", BTreeSet::from(["delete"])),
         ("/v1/holders/{id}", BTreeSet::from(["delete"])),
+        ("/v1/server", BTreeSet::from(["get"])),
+        ("/v1/stats", BTreeSet::from(["get"])),
     ])
 }
 
@@ -1028,8 +1030,9 @@ async fn dashboard_assets_are_embedded() {
                 .starts_with(ct)
         );
         let body = response.text().await.unwrap();
-        // (An SVG's XML namespace is a name, not something fetched.)
-        let body = body.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+        // (SVG's XML namespace is a name, not something fetched: the
+        // markup and the charts' createElementNS use it.)
+        let body = body.replace("http://www.w3.org/2000/svg", "");
         assert!(!body.contains("://"), "{file} refers to another server");
     }
     let (status, body) = json(http.get(format!("{base}/assets/secret.txt"))).await;
@@ -1220,4 +1223,355 @@ async fn client_tokens_guard_the_lock_endpoints() {
     let metrics = parse_metrics(&text);
     assert_eq!(metrics["padlock_http_client_auth_failures_total"], 7.0);
     assert_eq!(metrics["padlock_admin_auth_failures_total"], 1.0);
+}
+
+/// Waits until `name` (any kind) has `waiters` waiters, over HTTP.
+async fn until_http_waiters(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    waiters: usize,
+) -> Value {
+    within("the waiters", async {
+        let mut events = Events::open(http, base, &format!("?prefix={name}")).await;
+        loop {
+            let (status, body) = json(http.get(format!("{base}/v1/locks/{name}"))).await;
+            if status == StatusCode::OK && body["waiters"].as_array().map(Vec::len) == Some(waiters)
+            {
+                return body;
+            }
+            events.next().await.expect("the events stream ended");
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_state_and_stats_show_the_last_minutes() {
+    let (server, _dir) = admin_server();
+    let http = client();
+    let base = &server.url;
+
+    let (status, state) = json(http.get(format!("{base}/v1/server"))).await;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    assert!(!state["version"].as_str().unwrap().is_empty());
+    assert_eq!(state["ready"], true);
+    assert_eq!(state["draining"], false);
+    assert_eq!(
+        state["kinds"],
+        serde_json::json!([
+            {"kind": "file", "serving": true},
+            {"kind": "semaphore", "serving": true},
+        ])
+    );
+    assert_eq!(
+        state["lock_dir"].as_str().map(std::path::PathBuf::from),
+        Some(server.lock_dir.clone())
+    );
+    assert!(state["connections"].as_u64().unwrap() >= 1, "{state}");
+    assert_eq!(
+        (
+            &state["revoke_enabled"],
+            &state["client_tokens"],
+            &state["tls"]
+        ),
+        (&true.into(), &false.into(), &false.into())
+    );
+    let started = state["started_unix_ms"].as_u64().unwrap();
+    assert!(started <= state["now_unix_ms"].as_u64().unwrap());
+
+    // Contention on one name: a holder, a waiter that waits at least 20 ms.
+    let grpc = server.client().await;
+    let a = grpc.lock("stats/hot").acquire().await.unwrap();
+    let waiter = tokio::spawn({
+        let grpc = grpc.clone();
+        async move { grpc.lock("stats/hot").acquire().await }
+    });
+    until_http_waiters(&http, base, "stats/hot", 1).await;
+    let (_, state) = json(http.get(format!("{base}/v1/server"))).await;
+    assert_eq!(
+        (&state["locks"], &state["holders"], &state["waiters"]),
+        (&1.into(), &1.into(), &1.into())
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.release().await.unwrap();
+    let b = within("the waiter's grant", waiter).await.unwrap().unwrap();
+    b.release().await.unwrap();
+    drop(grpc.lock("stats/cold").acquire().await.unwrap());
+
+    let (status, stats) = json(http.get(format!("{base}/v1/stats?top=5"))).await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    let window = stats["window_seconds"].as_u64().unwrap();
+    assert_eq!(window, 900);
+    let per_second = &stats["per_second"];
+    let series = |key: &str| -> Vec<u64> {
+        per_second[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let (grants, holders, waiters) = (series("grants"), series("holders"), series("waiters"));
+    assert_eq!(grants.len() as u64, window);
+    assert_eq!((holders.len(), waiters.len()), (grants.len(), grants.len()));
+    assert_eq!(grants.iter().sum::<u64>(), 3, "{per_second}");
+    assert_eq!(holders.iter().max(), Some(&1));
+    assert_eq!(waiters.iter().max(), Some(&1));
+    let minutes = stats["per_minute"].as_array().unwrap();
+    assert_eq!(
+        minutes
+            .iter()
+            .map(|m| m["grants"].as_u64().unwrap())
+            .sum::<u64>(),
+        3
+    );
+    assert_eq!(stats["wait"]["count"], 3);
+    assert!(stats["wait"]["max_ms"].as_f64().unwrap() >= 20.0, "{stats}");
+    assert_eq!(stats["hold"]["count"], 3);
+    assert!(stats["hold"]["p50_ms"].as_f64().is_some());
+    let contended = stats["contended"].as_array().unwrap();
+    assert_eq!(contended.len(), 1, "only the waited-for name: {stats}");
+    let hot = &contended[0];
+    assert_eq!(
+        (&hot["name"], &hot["kind"]),
+        (&"stats/hot".into(), &"file".into())
+    );
+    assert_eq!(
+        (
+            &hot["queued"],
+            &hot["granted_after_wait"],
+            &hot["gave_up"],
+            &hot["peak_waiters"]
+        ),
+        (&1.into(), &1.into(), &0.into(), &1.into())
+    );
+    assert!(hot["max_wait_ms"].as_u64().unwrap() >= 20, "{hot}");
+    assert_eq!(hot["wait_total_ms"], hot["max_wait_ms"]);
+
+    // Bad parameters change nothing and say why.
+    for query in ["top=0", "top=101", "top=x", "since=1"] {
+        let (status, body) = json(http.get(format!("{base}/v1/stats?{query}"))).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::BAD_REQUEST, "invalid_argument"),
+            "{query}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_client_token_sees_only_its_own_state_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = dir.path().join("client-tokens");
+    std::fs::write(&clients, "all-names-token\nbilling-token billing/\n").unwrap();
+    let server = Server::start_with_args(&["--client-token-file", clients.to_str().unwrap()]);
+    let http = client();
+    let base = &server.url;
+    for path in ["/v1/server", "/v1/stats"] {
+        let (status, body) = json(http.get(format!("{base}{path}"))).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            "{path}"
+        );
+    }
+    // Holders and a waiter that gives up on each name, so both are
+    // contended.
+    let grpc = padlock::Client::builder(server.url.clone())
+        .token("all-names-token")
+        .connect()
+        .await
+        .unwrap();
+    let _billing = grpc.lock("billing/run").acquire().await.unwrap();
+    let _other = grpc.lock("other").acquire().await.unwrap();
+    for name in ["billing/run", "other"] {
+        let waited = grpc
+            .lock(name)
+            .wait(Duration::from_millis(20))
+            .acquire()
+            .await;
+        assert!(
+            matches!(waited, Err(padlock::Error::NotAcquired(_))),
+            "{waited:?}"
+        );
+    }
+
+    let get = |path: &str, token: &str| json(http.get(format!("{base}{path}")).bearer_auth(token));
+    let (status, all) = get("/v1/server", "all-names-token").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(all["client_tokens"], true);
+    assert_eq!((&all["locks"], &all["holders"]), (&2.into(), &2.into()));
+    assert!(
+        all["lock_dir"].is_string() && all["connections"].is_u64(),
+        "{all}"
+    );
+    let (status, mine) = get("/v1/server", "billing-token").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((&mine["locks"], &mine["holders"]), (&1.into(), &1.into()));
+    assert!(
+        mine["lock_dir"].is_null() && mine["connections"].is_null(),
+        "{mine}"
+    );
+
+    let names = |stats: &Value| -> Vec<String> {
+        stats["contended"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, all) = get("/v1/stats", "all-names-token").await;
+    let mut seen = names(&all);
+    seen.sort();
+    assert_eq!(seen, ["billing/run", "other"], "{all}");
+    assert!(all["per_second"].is_object() && all["wait"].is_object());
+    let (status, mine) = get("/v1/stats", "billing-token").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(names(&mine), ["billing/run"], "{mine}");
+    assert_eq!(mine["contended"][0]["gave_up"], 1);
+    for key in ["per_second", "per_minute", "wait", "hold"] {
+        assert!(mine[key].is_null(), "{key}: {mine}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_replay_recent_history_with_no_gap_and_no_repeat() {
+    let server = Server::start();
+    let http = client();
+    let base = &server.url;
+    let grpc = server.client().await;
+    // History before anyone follows: one name, then another.
+    for _ in 0..3 {
+        grpc.lock("replay/a")
+            .acquire()
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    drop(grpc.lock("elsewhere").acquire().await.unwrap());
+
+    // Until `ready`: the replayed events.
+    let open = |query: String| {
+        let http = http.clone();
+        async move {
+            let response = http
+                .get(format!("{base}/v1/events{query}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let mut events = Events(Chunks::new(response));
+            let mut replayed = Vec::new();
+            loop {
+                let event = events.next().await.expect("the stream ended before ready");
+                if event.event == "ready" {
+                    return (replayed, events);
+                }
+                replayed.push(event);
+            }
+        }
+    };
+    let seqs = |events: &[padlock_e2e::http::SseEvent]| -> Vec<u64> {
+        events
+            .iter()
+            .map(|e| e.data["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let (replayed, _) = open("?replay=500&prefix=replay/".into()).await;
+    let types: Vec<&str> = replayed.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(types, ["granted", "released"].repeat(3));
+    assert!(replayed.iter().all(|e| e.data["name"] == "replay/a"));
+    assert_eq!(seqs(&replayed), [1, 2, 3, 4, 5, 6]);
+    let (replayed, _) = open("?replay=2".into()).await;
+    assert_eq!(seqs(&replayed), [7, 8], "the last two, oldest first");
+    assert_eq!(replayed[0].data["name"], "elsewhere");
+    let (replayed, _) = open(String::new()).await;
+    assert!(replayed.is_empty(), "no replay unless asked");
+
+    // While one name is granted and released as fast as can be, a follower
+    // that opens with a replay sees every event once: the numbers are
+    // consecutive across the replay and the live events.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = tokio::spawn({
+        let (grpc, stop) = (grpc.clone(), stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                grpc.lock("replay/busy")
+                    .acquire()
+                    .await
+                    .unwrap()
+                    .release()
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let mut events = Events::open(&http, base, "?prefix=replay/busy").await;
+    // Let it get going: 10 events before the follower opens.
+    for _ in 0..10 {
+        events.next().await.unwrap();
+    }
+    let (replayed, mut live) = open("?replay=50&prefix=replay/busy".into()).await;
+    let mut seen = seqs(&replayed);
+    assert!(seen.len() >= 10, "{seen:?}");
+    for _ in 0..40 {
+        seen.push(live.next().await.unwrap().data["seq"].as_u64().unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    within("the busy loop", busy).await.unwrap();
+    let expected: Vec<u64> = (seen[0]..seen[0] + seen.len() as u64).collect();
+    assert_eq!(seen, expected, "each event once, none missed");
+
+    let (status, body) = json(http.get(format!("{base}/v1/events?replay=501"))).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_argument"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["message"], "replay must be at most 500");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_shows_when_it_gives_up() {
+    let server = Server::start();
+    let http = client();
+    let base = &server.url;
+    let grpc = server.client().await;
+    let _held = grpc.lock("deadline").acquire().await.unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let patient = tokio::spawn({
+        let grpc = grpc.clone();
+        async move {
+            grpc.lock("deadline")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await
+        }
+    });
+    until_http_waiters(&http, base, "deadline", 1).await;
+    let forever = tokio::spawn({
+        let grpc = grpc.clone();
+        async move { grpc.lock("deadline").acquire().await }
+    });
+    let shown = until_http_waiters(&http, base, "deadline", 2).await;
+    let waiters = shown["waiters"].as_array().unwrap();
+    let deadline = waiters[0]["deadline_unix_ms"].as_u64().expect("a deadline");
+    let since = waiters[0]["since_unix_ms"].as_u64().unwrap();
+    assert!(since >= before.saturating_sub(5), "{shown}");
+    assert!(
+        (59_000..=60_500).contains(&(deadline - since)),
+        "gives up 60 s after it came: {shown}"
+    );
+    assert!(waiters[0]["deadline"].as_str().unwrap().ends_with('Z'));
+    assert!(waiters[1]["deadline_unix_ms"].is_null(), "{shown}");
+    assert!(waiters[1]["deadline"].is_null(), "{shown}");
+    patient.abort();
+    forever.abort();
 }
