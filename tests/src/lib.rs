@@ -6,6 +6,7 @@
 
 pub mod h2;
 pub mod http;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,313 +1,32 @@
 //! The dashboard in a real browser: headless Chromium, driven through
-//! chromedriver with plain W3C WebDriver calls, opens the page; locks that
-//! SDK clients take appear without a reload; a person types the admin
-//! token and revokes a holder; the SDK guard's `lost()` fires.
+//! chromedriver with plain W3C WebDriver calls ([`padlock_e2e::webdriver`]),
+//! opens the page. Locks that SDK clients take appear without a reload; a
+//! person types the admin token and revokes a holder; the SDK guard's
+//! `lost()` fires. The page opens with the recent events, charts drawn from
+//! real grants, the most contended locks, the server panel (Redis going
+//! down shows), whole owners and labels, sortable columns, waiters'
+//! deadlines, and no revoke buttons on a server without an admin token.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`tests/run.sh`
-//! installs them). Without them the test fails and says what to install,
-//! unless it is opted out with `PADLOCK_SKIP_BROWSER=1`.
+//! installs them). Without them the tests fail and say what to install,
+//! unless they are opted out with `PADLOCK_SKIP_BROWSER=1`.
 //!
-//! A screenshot is kept in `tests/artifacts/dashboard.png`; with
-//! `PADLOCK_UPDATE_SCREENSHOT=1` it is also copied to `docs/dashboard.png`
-//! for the README.
+//! A screenshot is kept in `tests/artifacts/dashboard.png`; the one in the
+//! README comes from `cargo run --release -p padlock-e2e --bin
+//! dashboard-shot` (real load for a few minutes, then a screenshot).
 
-use padlock::LostReason;
-use padlock_e2e::Server;
-use padlock_e2e::http::{PATIENCE, client, token_file};
-use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use padlock::{Kind, LostReason};
+use padlock_e2e::http::{PATIENCE, client, json as get_json, token_file};
+use padlock_e2e::webdriver::{Browser, artifact, browser, in_browser};
+use padlock_e2e::{RedisServer, Server, redis_opted_out, until_waiters};
+use serde_json::json;
+use std::time::Duration;
 
 const TOKEN: &str = "dashboard-admin-token";
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-/// The browser and its driver, or `None` when opted out.
-fn browser() -> Option<(PathBuf, PathBuf)> {
-    if padlock_e2e::opted_out("PADLOCK_SKIP_BROWSER") {
-        return None;
-    }
-    let find = |env: &str, names: &[&str]| -> Option<PathBuf> {
-        if let Some(path) = std::env::var_os(env) {
-            return Some(PathBuf::from(path));
-        }
-        let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path)
-            .flat_map(|dir| names.iter().map(move |n| dir.join(n)))
-            .find(|p| p.is_file())
-    };
-    let chromium = find("PADLOCK_CHROMIUM", &["chromium", "chromium-browser"]);
-    let driver = find("PADLOCK_CHROMEDRIVER", &["chromedriver"]);
-    match (chromium, driver) {
-        (Some(chromium), Some(driver)) => Some((chromium, driver)),
-        (chromium, driver) => panic!(
-            "the dashboard test needs headless Chromium and chromedriver (found chromium: {}, \
-             chromedriver: {}). Install them with `apt-get install chromium chromium-driver` \
-             (tests/run.sh does), or point PADLOCK_CHROMIUM and PADLOCK_CHROMEDRIVER at them. \
-             To skip this test on purpose, set PADLOCK_SKIP_BROWSER=1.",
-            chromium.map_or("no".into(), |p| p.display().to_string()),
-            driver.map_or("no".into(), |p| p.display().to_string()),
-        ),
-    }
-}
-
-/// chromedriver on a free port, killed when dropped.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Driver {
-    fn start(path: &Path) -> Driver {
-        // chromedriver takes a port, not a listener: take a free one.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        // Its own process group, so that Chromium (its child) can be
-        // killed with it even when a test fails before closing it.
-        let mut child = Command::new(path)
-            .arg(format!("--port={port}"))
-            .process_group(0)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start chromedriver");
-        let stdout = child.stdout.take().expect("chromedriver stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.contains("started successfully") => break,
-                Some(Ok(_)) => continue,
-                _ => panic!(
-                    "chromedriver exited before it was ready: {:?}",
-                    child.wait()
-                ),
-            }
-        }
-        std::thread::spawn(move || lines.for_each(drop));
-        Driver {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if let Some(group) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One WebDriver session (W3C protocol, JSON over HTTP).
-struct Browser {
-    http: reqwest::Client,
-    session: String,
-}
-
-impl Browser {
-    async fn open(driver: &Driver, chromium: &Path, profile: &Path) -> Browser {
-        let http = client();
-        let capabilities = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": chromium,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--hide-scrollbars",
-                    "--force-device-scale-factor=1", "--window-size=1440,900",
-                    format!("--user-data-dir={}", profile.display()),
-                ],
-            },
-        }}});
-        let response = http
-            .post(format!("{}/session", driver.url))
-            .json(&capabilities)
-            .send()
-            .await
-            .expect("new session");
-        let body: Value = response.json().await.expect("session JSON");
-        let session = body["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("chromedriver could not start Chromium: {body}"))
-            .to_string();
-        Browser {
-            http,
-            session: format!("{}/session/{session}", driver.url),
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, Value> {
-        let request = self.http.request(method, format!("{}{path}", self.session));
-        let request = if body.is_null() {
-            request
-        } else {
-            request.json(&body)
-        };
-        let response = request.send().await.expect("WebDriver request");
-        let ok = response.status().is_success();
-        let body: Value = response.json().await.expect("WebDriver JSON");
-        if ok {
-            Ok(body["value"].clone())
-        } else {
-            Err(body["value"].clone())
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        self.call(reqwest::Method::POST, path, body)
-            .await
-            .unwrap_or_else(|err| panic!("WebDriver {path}: {err}"))
-    }
-
-    async fn goto(&self, url: &str) {
-        self.post("/url", json!({ "url": url })).await;
-    }
-
-    /// Runs `script` (a function body; `arguments` are `args`) in the page.
-    async fn script(&self, script: &str, args: Value) -> Value {
-        self.post("/execute/sync", json!({ "script": script, "args": args }))
-            .await
-    }
-
-    /// Polls `script` until it returns true, at most [`PATIENCE`].
-    async fn until(&self, what: &str, script: &str, args: Value) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if self.script(script, args.clone()).await == Value::Bool(true) {
-                return;
-            }
-            if Instant::now() > deadline {
-                let shot = self.screenshot().await;
-                let path = artifact("dashboard-failure.png");
-                std::fs::write(&path, shot).expect("write failure screenshot");
-                panic!(
-                    "the page never showed {what} (screenshot: {})",
-                    path.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn find(&self, css: &str) -> Result<String, Value> {
-        let found = self
-            .call(
-                reqwest::Method::POST,
-                "/element",
-                json!({"using": "css selector", "value": css}),
-            )
-            .await?;
-        Ok(found[ELEMENT].as_str().expect("element id").to_string())
-    }
-
-    /// Clicks the element `css` selects; retries while the page re-renders
-    /// under it (a stale or not-yet-there element), at most [`PATIENCE`].
-    async fn click(&self, css: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let clicked = match self.find(css).await {
-                Ok(id) => {
-                    self.call(
-                        reqwest::Method::POST,
-                        &format!("/element/{id}/click"),
-                        json!({}),
-                    )
-                    .await
-                }
-                Err(err) => Err(err),
-            };
-            match clicked {
-                Ok(_) => return,
-                Err(err) if Instant::now() > deadline => panic!("cannot click {css}: {err}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-
-    async fn type_into(&self, css: &str, text: &str) {
-        let id = self.find(css).await.expect("input to type into");
-        self.post(&format!("/element/{id}/clear"), json!({})).await;
-        self.post(&format!("/element/{id}/value"), json!({ "text": text }))
-            .await;
-    }
-
-    async fn screenshot(&self) -> Vec<u8> {
-        let shot = self
-            .call(reqwest::Method::GET, "/screenshot", Value::Null)
-            .await
-            .expect("screenshot");
-        base64_decode(shot.as_str().expect("base64 PNG"))
-    }
-}
-
-fn artifact(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts");
-    std::fs::create_dir_all(&dir).expect("tests/artifacts");
-    dir.join(name)
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let clean: Vec<u8> = text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for chunk in clean.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= value(*c) << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
-}
 
 /// Is there a holder row of lock `name` (owned by `owner`)?
 const HOLDER_SHOWN: &str = "return [...document.querySelectorAll('tr.holder')]
     .some(r => r.dataset.lock === arguments[0] && r.querySelector('.owner').textContent === arguments[1]);";
-
-/// Runs `steps` in a fresh Chromium on the dashboard of `server`, and
-/// closes the browser whether they pass or fail.
-async fn in_browser<Steps, Fut>(
-    (chromium, chromedriver): (PathBuf, PathBuf),
-    profile: &Path,
-    server: Server,
-    steps: Steps,
-) where
-    Steps: FnOnce(Server, Browser) -> Fut,
-    Fut: Future<Output = Browser> + Send + 'static,
-{
-    let driver = Driver::start(&chromedriver);
-    let browser = Browser::open(&driver, &chromium, profile).await;
-    let session = (browser.http.clone(), browser.session.clone());
-    // In a task, so that a failed step still lets the browser be closed.
-    let outcome = tokio::spawn(steps(server, browser)).await;
-    let _ = session.0.delete(&session.1).send().await;
-    drop(driver);
-    if let Err(err) = outcome {
-        std::panic::resume_unwind(err.into_panic());
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_live_locks_and_revokes() {
@@ -494,10 +213,6 @@ async fn drive(server: Server, browser: Browser) -> Browser {
     let shot = browser.screenshot().await;
     assert!(shot.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
     std::fs::write(artifact("dashboard.png"), &shot).unwrap();
-    if std::env::var("PADLOCK_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1") {
-        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
-        std::fs::write(docs, &shot).unwrap();
-    }
 
     // The filter narrows the table to matching names.
     browser.type_into("#filter", "nightly").await;
@@ -545,4 +260,284 @@ async fn drive(server: Server, browser: Browser) -> Browser {
 
     drop((deploy, gpus, readers, hold, waiters));
     browser
+}
+
+/// The page's text for `css` (the first match), or null.
+const TEXT_OF: &str =
+    "const n = document.querySelector(arguments[0]); return n ? n.textContent : null;";
+
+/// Before the page opens: grants (one lock waited for), a long owner with
+/// labels, a waiter with a deadline. The page opens with those events, a
+/// grants chart that counts them, the contended lock first, the server
+/// panel, whole owners, visible labels, sortable columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_opens_with_history_charts_and_the_server() {
+    let Some(browser) = browser() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), TOKEN);
+    let server = Server::start_with_args(&["--admin-token-file", token.to_str().unwrap()]);
+    in_browser(browser, &dir.path().join("profile"), server, history_steps).await;
+}
+
+async fn history_steps(server: Server, browser: Browser) -> Browser {
+    let sdk = server.client().await;
+    // Ten quick grants, and one lock that a second client waits for.
+    for _ in 0..10 {
+        let guard = sdk.lock("before/page").acquire().await.unwrap();
+        guard.release().await.unwrap();
+    }
+    let holder = sdk.lock("contended/job").acquire().await.unwrap();
+    let waiter = tokio::spawn({
+        let sdk = sdk.clone();
+        async move { sdk.lock("contended/job").acquire().await }
+    });
+    until_waiters(&sdk, "contended/job", Kind::File, 1).await;
+    holder.release().await.unwrap();
+    let second = waiter.await.unwrap().unwrap();
+    second.release().await.unwrap();
+    let grants = 12;
+
+    // Held while the page is open: an old lock, a long owner with labels,
+    // a newer lock, and a waiter that gives up in a minute.
+    let oldest = sdk.lock("zz/oldest").acquire().await.unwrap();
+    let owner = "padlock[9189]@build-host-7.eu-west-1.compute.internal";
+    let long = sdk
+        .lock("aa/newest")
+        .owner(owner)
+        .label("job", "4711")
+        .label("team", "payments")
+        .acquire()
+        .await
+        .unwrap();
+    let patient = tokio::spawn({
+        let sdk = sdk.clone();
+        async move {
+            sdk.lock("aa/newest")
+                .owner("patient")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await
+        }
+    });
+    until_waiters(&sdk, "aa/newest", Kind::File, 1).await;
+
+    browser.goto(&format!("{}/", server.url)).await;
+    browser
+        .until(
+            "the live indicator",
+            "return document.getElementById('status').dataset.state === 'live';",
+            json!([]),
+        )
+        .await;
+
+    // History: the events from before the page opened are in the feed.
+    browser
+        .until(
+            "the events from before the page opened",
+            "const names = [...document.querySelectorAll('#events .ev-name')].map(n => n.textContent);
+             return names.includes('before/page') && names.includes('contended/job');",
+            json!([]),
+        )
+        .await;
+
+    // The grants chart counts the grants, from the server's own series;
+    // more grants move it, without a reload.
+    let chart_sum = "const p = document.querySelector('#chart-grants path.series');
+                     return p !== null && Number(p.dataset.sum) === arguments[0];";
+    browser
+        .until(
+            "the grants chart counting 14 grants",
+            chart_sum,
+            json!([grants + 2]),
+        )
+        .await;
+    for _ in 0..3 {
+        let guard = sdk.lock("during/page").acquire().await.unwrap();
+        guard.release().await.unwrap();
+    }
+    browser
+        .until(
+            "the grants chart counting 17 grants",
+            chart_sum,
+            json!([grants + 5]),
+        )
+        .await;
+    browser
+        .until(
+            "both series of holders and waiters drawn",
+            "const p = [...document.querySelectorAll('#chart-load path.series')];
+             return p.length === 2 && p.every(s => Number(s.dataset.points) > 0)
+                 && Number(p[1].dataset.sum) > 0;",
+            json!([]),
+        )
+        .await;
+    browser
+        .until(
+            "wait percentiles",
+            "const t = document.getElementById('wait-percentiles').textContent;
+             return t.startsWith('p50 ') && t.includes(' grants');",
+            json!([]),
+        )
+        .await;
+
+    // The contended locks: the one waited for (peak queue 1) and the one
+    // waited for now; not the one always free.
+    browser
+        .until(
+            "contended/job and aa/newest in the contention table, before/page not",
+            "const rows = [...document.querySelectorAll('#contended tbody tr')];
+             const row = (name) => rows.find(r => r.dataset.lock === name);
+             return row('contended/job') !== undefined && row('aa/newest') !== undefined
+                 && row('before/page') === undefined
+                 && row('contended/job').cells[2].textContent === '1'
+                 && row('aa/newest').cells[3].textContent === '1';",
+            json!([]),
+        )
+        .await;
+
+    // The server panel says what /v1/server says.
+    let (_, facts) = get_json(client().get(format!("{}/v1/server", server.url))).await;
+    browser
+        .until(
+            "the server panel",
+            "return document.getElementById('version').textContent === arguments[0]
+                && document.getElementById('lock-dir').textContent === arguments[1]
+                && document.getElementById('ready').dataset.ready === 'true'
+                && document.querySelector('[data-kind-state=\"file\"]').dataset.serving === 'true'
+                && document.getElementById('revoke').dataset.enabled === 'true';",
+            json!([facts["version"], facts["lock_dir"]]),
+        )
+        .await;
+
+    // The whole owner is on the page, inside its cell; labels are shown.
+    let owner_shown = browser
+        .script(
+            "const row = document.querySelector('tr.holder[data-lock=\"aa/newest\"]');
+             const cell = row.querySelector('.owner-cell');
+             const name = cell.querySelector('.owner');
+             const inside = name.getBoundingClientRect().right <= cell.getBoundingClientRect().right + 0.5;
+             const chips = [...cell.querySelectorAll('.label-chip')]
+                 .filter(c => c.offsetWidth > 0).map(c => c.textContent);
+             return [name.textContent, inside && cell.scrollWidth <= cell.clientWidth, chips];",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        owner_shown,
+        json!([owner, true, ["job=4711", "team=payments"]])
+    );
+
+    // The waiter's deadline counts down; a holder has none.
+    browser
+        .until(
+            "the waiter's deadline",
+            "const cell = document.querySelector('tr.waiter[data-lock=\"aa/newest\"] .deadline');
+             const s = cell && parseInt(cell.textContent, 10);
+             return cell !== null && cell.dataset.until !== undefined && /^[0-9]+s$/.test(cell.textContent)
+                 && s > 0 && s <= 60;",
+            json!([]),
+        )
+        .await;
+
+    // Sorting: by name first (aa before zz), by age (oldest first) on a click.
+    let order =
+        "const names = [...document.querySelectorAll('#locks tbody')].map(b => b.dataset.lock);
+                 return names.indexOf('aa/newest') >= 0 && names.indexOf('zz/oldest') >= 0
+                     && (names.indexOf(arguments[0]) < names.indexOf(arguments[1]));";
+    browser
+        .until(
+            "aa/newest before zz/oldest",
+            order,
+            json!(["aa/newest", "zz/oldest"]),
+        )
+        .await;
+    browser.click("button.sort[data-sort=\"age\"]").await;
+    browser
+        .until(
+            "zz/oldest first by age",
+            order,
+            json!(["zz/oldest", "aa/newest"]),
+        )
+        .await;
+    let sorted = browser
+        .script(TEXT_OF, json!(["th[aria-sort] button.sort"]))
+        .await;
+    assert_eq!(sorted, "Age");
+    browser.click("button.sort[data-sort=\"name\"]").await;
+    browser
+        .until("back by name", order, json!(["aa/newest", "zz/oldest"]))
+        .await;
+
+    drop((oldest, long, patient));
+    browser
+}
+
+/// Without an admin token there is nothing to revoke with: no buttons, no
+/// token box. Redis going down shows in the server panel, and coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_redis_health_and_no_revoke_without_an_admin_token() {
+    if redis_opted_out() {
+        return;
+    }
+    let Some(browser) = browser() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start();
+    let server = Server::start_with_args(&["--redis-url", &redis.url]);
+    let redis = std::sync::Arc::new(std::sync::Mutex::new(redis));
+    in_browser(
+        browser,
+        &dir.path().join("profile"),
+        server,
+        move |server, browser| async move {
+            let sdk = server.client().await;
+            let guard = sdk.lock("plain").owner("someone").acquire().await.unwrap();
+            browser.goto(&format!("{}/", server.url)).await;
+            browser
+                .until("the holder row", HOLDER_SHOWN, json!(["plain", "someone"]))
+                .await;
+            browser
+                .until(
+                    "revoke marked off",
+                    "return document.getElementById('revoke').dataset.enabled === 'false';",
+                    json!([]),
+                )
+                .await;
+            let controls = browser
+                .script(
+                    "return [document.querySelectorAll('button.revoke').length,
+                             document.getElementById('token-field').hidden];",
+                    json!([]),
+                )
+                .await;
+            assert_eq!(
+                controls,
+                json!([0, true]),
+                "revoke controls without an admin token"
+            );
+
+            let kind_state = "const k = document.querySelector('[data-kind-state=\"redis\"]');
+                 return k !== null && k.dataset.serving === arguments[0]
+                     && document.getElementById('ready').dataset.ready === arguments[0];";
+            browser
+                .until("redis serving", kind_state, json!(["true"]))
+                .await;
+            redis.lock().unwrap().kill9();
+            browser
+                .until("redis shown down", kind_state, json!(["false"]))
+                .await;
+            let ready = browser.script(TEXT_OF, json!(["#ready"])).await;
+            assert_eq!(ready, "not ready: redis down");
+            redis.lock().unwrap().restart();
+            browser
+                .until("redis serving again", kind_state, json!(["true"]))
+                .await;
+            drop(guard);
+            browser
+        },
+    )
+    .await;
 }
