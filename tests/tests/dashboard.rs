@@ -428,6 +428,15 @@ async fn history_steps(server: Server, browser: Browser) -> Browser {
         owner_shown,
         json!([owner, true, ["job=4711", "team=payments"]])
     );
+    // Ids and fences are not cut off either.
+    let cut = browser
+        .script(
+            "return [...document.querySelectorAll('#locks td.id, #locks td.fence')]
+                 .filter(c => c.scrollWidth > c.clientWidth).map(c => c.textContent);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(cut, json!([]), "cells cut off");
 
     // The waiter's deadline counts down; a holder has none.
     browser

@@ -1297,7 +1297,8 @@ async fn server_state_and_stats_show_the_last_minutes() {
     a.release().await.unwrap();
     let b = within("the waiter's grant", waiter).await.unwrap().unwrap();
     b.release().await.unwrap();
-    drop(grpc.lock("stats/cold").acquire().await.unwrap());
+    let cold = grpc.lock("stats/cold").acquire().await.unwrap();
+    cold.release().await.unwrap();
 
     let (status, stats) = json(http.get(format!("{base}/v1/stats?top=5"))).await;
     assert_eq!(status, StatusCode::OK, "{stats}");
@@ -1452,7 +1453,8 @@ async fn events_replay_recent_history_with_no_gap_and_no_repeat() {
             .await
             .unwrap();
     }
-    drop(grpc.lock("elsewhere").acquire().await.unwrap());
+    let elsewhere = grpc.lock("elsewhere").acquire().await.unwrap();
+    elsewhere.release().await.unwrap();
 
     // Until `ready`: the replayed events.
     let open = |query: String| {
