@@ -5,11 +5,10 @@
 //! ([`status`]).
 
 use crate::auth::Scope;
-use crate::locks::Ticket;
 use crate::locks::name::printable;
 use crate::locks::{
     AcquireRequest, Detail, Grant, HolderView, Kind, LockError, LockTable, LockView, LostReason,
-    Mode, Notice, WaiterView,
+    Mode, Released, Session, Step, WaiterView,
 };
 use padlock_proto::v1 as pb;
 use pb::hold_request::Msg as In;
@@ -66,6 +65,7 @@ pub fn status(err: LockError) -> Status {
         | LockError::QuotaExceeded { .. }
         | LockError::NoDescriptors { .. } => Status::resource_exhausted(msg),
         LockError::NotAcquired { .. } => Status::deadline_exceeded(msg),
+        LockError::PermissionDenied(_) => Status::permission_denied(msg),
     }
 }
 
@@ -116,11 +116,7 @@ fn mode_to_wire(mode: Mode) -> pb::Mode {
     }
 }
 
-fn decode_acquire(
-    a: pb::Acquire,
-    peer: String,
-    scope: Option<&Scope>,
-) -> Result<AcquireRequest, LockError> {
+fn decode_acquire(a: pb::Acquire, peer: String) -> Result<AcquireRequest, LockError> {
     Ok(AcquireRequest {
         kind: kind_from_wire(a.kind)?,
         mode: mode_from_wire(a.mode)?,
@@ -130,7 +126,7 @@ fn decode_acquire(
         peer,
         labels: a.labels.into_iter().collect(),
         wait: a.wait_ms.map(Duration::from_millis),
-        quota: scope.and_then(|s| s.quota.clone()),
+        quota: None,
     })
 }
 
@@ -176,12 +172,8 @@ struct Hold {
 enum Phase {
     /// Waiting for the Acquire.
     Start,
-    /// Queued until granted or the wait (`wait`) ends.
-    Waiting {
-        ticket: Ticket,
-        wait: Duration,
-    },
-    Holding(Ticket),
+    /// Queued, then held.
+    Open(Session),
     Done,
 }
 
@@ -220,6 +212,14 @@ fn invalid(message: &str) -> Option<Reply> {
     Some(Err(Status::invalid_argument(message)))
 }
 
+fn lost(reason: LostReason, detail: String) -> Reply {
+    let lost = pb::Lost {
+        reason: lost_to_wire(reason) as i32,
+        detail,
+    };
+    reply(Out::Lost(lost))
+}
+
 impl Hold {
     /// Runs until there is a message for the client; `None` ends the stream.
     async fn next(&mut self) -> Option<Reply> {
@@ -227,8 +227,7 @@ impl Hold {
             let (reply, next) = match std::mem::replace(&mut self.phase, Phase::Done) {
                 Phase::Done => return None,
                 Phase::Start => self.start().await,
-                Phase::Waiting { ticket, wait } => self.waiting(ticket, wait).await,
-                Phase::Holding(ticket) => self.holding(ticket).await,
+                Phase::Open(session) => self.open(session).await,
             };
             self.phase = next;
             if reply.is_some() {
@@ -266,109 +265,63 @@ impl Hold {
             Err(status) => return (Some(Err(status)), Phase::Done),
         };
         let peer = std::mem::take(&mut self.peer);
-        let request = match decode_acquire(acquire, peer, self.scope.as_ref()) {
-            Ok(request) => request,
-            Err(err) => return (Some(Err(status(err))), Phase::Done),
-        };
-        let name = request.name.clone();
-        if let Some(scope) = self.scope.as_ref().filter(|s| !s.allows(&name)) {
-            let denied = Status::permission_denied(scope.denied(&name));
-            return (Some(Err(denied)), Phase::Done);
-        }
-        let wait = request.wait.unwrap_or_default();
-        match self.table.acquire(request) {
-            Ok(ticket) => {
-                let span = tracing::Span::current();
-                span.record("name", printable(&name));
-                span.record("id", ticket.id());
-                tracing::debug!(kind = ticket.kind().as_str(), "queued");
-                (None, Phase::Waiting { ticket, wait })
+        let opened = decode_acquire(acquire, peer).and_then(|request| {
+            let span = tracing::Span::current();
+            span.record("name", printable(&request.name));
+            self.table.open(request, self.scope.as_ref())
+        });
+        match opened {
+            Ok(session) => {
+                tracing::Span::current().record("id", session.id());
+                (None, Phase::Open(session))
             }
             Err(err) => (Some(Err(status(err))), Phase::Done),
         }
     }
 
-    /// Until granted, failed, timed out, cancelled or disconnected.
-    async fn waiting(&mut self, mut ticket: Ticket, wait: Duration) -> (Option<Reply>, Phase) {
-        // A try-lock (wait 0) is answered by the table (or, for Redis, by
-        // its one network attempt), not by a timer.
-        let deadline = ticket.deadline();
-        let expired = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
+    /// Until the session ends, or the client releases, sends something
+    /// else or goes away.
+    async fn open(&mut self, mut session: Session) -> (Option<Reply>, Phase) {
         tokio::select! {
-            notice = ticket.notices.recv() => match notice {
-                Some(Notice::Queued { position, holders }) => {
-                    let waiter_id = ticket.id().to_string();
-                    let queued = reply(Out::Queued(pb::Queued { position, holders, waiter_id }));
-                    (Some(queued), Phase::Waiting { ticket, wait })
+            step = session.next() => {
+                match step {
+                    Some(Step::Queued { position, holders }) => {
+                        let waiter_id = session.id().to_string();
+                        let queued = pb::Queued { position, holders, waiter_id };
+                        (Some(reply(Out::Queued(queued))), Phase::Open(session))
+                    }
+                    Some(Step::Granted(grant)) => {
+                        (Some(reply(granted(&grant))), Phase::Open(session))
+                    }
+                    Some(Step::Lost { reason, detail }) => (Some(lost(reason, detail)), Phase::Done),
+                    Some(Step::Failed(err)) => (Some(Err(status(err))), Phase::Done),
+                    None => (None, Phase::Done),
                 }
-                Some(Notice::Granted(grant)) => {
-                    tracing::debug!(fence = grant.fence, "granted");
-                    (Some(reply(granted(&grant))), Phase::Holding(ticket))
-                }
-                Some(Notice::Failed(err)) => (Some(Err(status(err))), Phase::Done),
-                Some(Notice::Lost { .. }) | None => (None, Phase::Done),
             },
             msg = self.inbound.message() => match msg {
+                // Whatever came, the lock ends here; it is released before
+                // the client is told so: once it reads Released, the next
+                // holder may already have the lock.
                 Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
-                    // Release while queued cancels the wait.
-                    drop(ticket);
-                    (Some(reply(Out::Released(pb::Released {}))), Phase::Done)
+                    let reply = match session.release().await {
+                        Released::Released => Some(reply(Out::Released(pb::Released {}))),
+                        Released::Lost { reason, detail } => Some(lost(reason, detail)),
+                        Released::Over => None,
+                    };
+                    (reply, Phase::Done)
                 }
-                Ok(Some(_)) => (invalid("a second Acquire on one Hold stream: use one stream per lock"), Phase::Done),
+                Ok(Some(_)) => {
+                    let msg = if session.is_granted() {
+                        "a second Acquire on one Hold stream: the lock was released; use one stream per lock"
+                    } else {
+                        "a second Acquire on one Hold stream: use one stream per lock"
+                    };
+                    drop(session);
+                    (invalid(msg), Phase::Done)
+                }
                 Ok(None) => (None, Phase::Done),
                 Err(status) => (Some(Err(status)), Phase::Done),
             },
-            () = expired => (Some(Err(status(ticket.time_out(wait)))), Phase::Done),
-        }
-    }
-
-    /// Until released, lost or disconnected.
-    async fn holding(&mut self, mut ticket: Ticket) -> (Option<Reply>, Phase) {
-        tokio::select! {
-            notice = ticket.notices.recv() => match notice {
-                Some(Notice::Lost { reason, detail }) => {
-                    tracing::info!(?reason, %detail, "lost");
-                    let lost = pb::Lost { reason: lost_to_wire(reason) as i32, detail };
-                    (Some(reply(Out::Lost(lost))), Phase::Done)
-                }
-                Some(_) => (None, Phase::Holding(ticket)),
-                None => (None, Phase::Done),
-            },
-            msg = self.inbound.message() => {
-                // Whatever came, the lock ends here; release it before
-                // saying so: once the client reads Released, the next
-                // holder may already have the lock.
-                match msg {
-                    Ok(Some(pb::HoldRequest { msg: Some(In::Release(_)) })) => {
-                        // Released only if it was still held: a lock taken
-                        // away meanwhile (a paused padlockd reaped by
-                        // another instance) is reported as lost.
-                        match ticket.release().await {
-                            Ok(()) => (Some(reply(Out::Released(pb::Released {}))), Phase::Done),
-                            Err(Notice::Lost { reason, detail }) => {
-                                tracing::info!(?reason, %detail, "lost before its release");
-                                let lost = pb::Lost { reason: lost_to_wire(reason) as i32, detail };
-                                (Some(reply(Out::Lost(lost))), Phase::Done)
-                            }
-                            Err(_) => (None, Phase::Done),
-                        }
-                    }
-                    Ok(Some(_)) => {
-                        drop(ticket);
-                        (
-                            invalid("a second Acquire on one Hold stream: the lock was released; use one stream per lock"),
-                            Phase::Done,
-                        )
-                    }
-                    Ok(None) => (None, Phase::Done),
-                    Err(status) => (Some(Err(status)), Phase::Done),
-                }
-            }
         }
     }
 }

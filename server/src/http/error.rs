@@ -91,6 +91,7 @@ impl From<LockError> for ApiError {
             LockError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             LockError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             LockError::Backend(_) => (StatusCode::SERVICE_UNAVAILABLE, "backend"),
+            LockError::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_denied"),
         };
         ApiError::new(status, code, message)
     }

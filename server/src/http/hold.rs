@@ -4,7 +4,7 @@
 //! `queued` while waiting, then `granted` with the fence, then nothing
 //! until the lock ends. The lock is held for as long as the response is
 //! being read: when the client goes away, hyper drops the body, which drops
-//! the [`Ticket`], which releases the lock, exactly as a gRPC Hold stream
+//! the [`Session`], which releases the lock, exactly as a gRPC Hold stream
 //! does. The same queue and fences serve both.
 //!
 //! Errors known before the stream starts (bad name, try-lock on a busy
@@ -14,10 +14,9 @@
 
 use super::error::{ApiError, ErrorBody, LockPath, Query};
 use super::model::{self, Grant, HoldBody, HoldLine, HoldQuery, WaitValue};
-use super::{App, denied, peer};
-use crate::locks::name::printable;
+use super::{App, peer};
 use crate::locks::{
-    AcquireRequest, Kind, LockError, MAX_OWNER_BYTES, MAX_WAIT, Mode, Notice, Ticket,
+    AcquireRequest, Kind, LockError, MAX_OWNER_BYTES, MAX_WAIT, Mode, Session, Step,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -26,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Largest JSON body accepted.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -66,11 +64,6 @@ pub async fn hold(
         return Err(ApiError::not_found("POST takes /v1/locks/{name}/hold"));
     };
     let scope = app.access(&headers)?;
-    if let Some(scope) = scope.as_ref().filter(|s| !s.allows(name)) {
-        // The name is checked by the table below; a bad one is still 403
-        // here, as it is outside the token's names either way.
-        return Err(denied(scope, name));
-    }
     let body = parse_body(&body)?;
     let params = Params::merge(query, body)?;
     let wait = params.wait.map(parse_wait).transpose()?;
@@ -84,33 +77,17 @@ pub async fn hold(
         peer: peer(conn),
         labels: params.labels.unwrap_or_default(),
         wait,
-        quota: scope.and_then(|s| s.quota),
+        quota: None,
     };
-    let mut ticket = app.table.acquire(request)?;
-    let mut first = None;
+    let mut session = app.table.open(request, scope.as_ref())?;
     if wait == Some(Duration::ZERO) {
         // A try-lock answers with a status: granted (200) or not (409).
-        loop {
-            match ticket.notices.recv().await {
-                Some(Notice::Queued { .. }) => continue,
-                Some(Notice::Failed(err)) => return Err(err.into()),
-                Some(notice) => {
-                    first = Some(notice);
-                    break;
-                }
-                None => return Err(LockError::Draining.into()),
-            }
-        }
+        session.decided().await?;
     }
-    tracing::debug!(name = %printable(name), id = ticket.id(), "hold over HTTP");
     let held = Holding {
         name: name.to_string(),
         kind,
-        wait: wait.unwrap_or_default(),
-        deadline: ticket.deadline(),
-        first,
-        ticket: Some(ticket),
-        granted: false,
+        session: Some(session),
     };
     let lines = futures_util::stream::unfold(held, |mut held| async move {
         let line = held.next().await?;
@@ -134,82 +111,37 @@ pub async fn hold(
 struct Holding {
     name: String,
     kind: Kind,
-    wait: Duration,
-    deadline: Option<Instant>,
-    /// A notice already taken from the ticket (try-lock).
-    first: Option<Notice>,
     /// Dropping it releases the lock or leaves the queue.
-    ticket: Option<Ticket>,
-    granted: bool,
+    session: Option<Session>,
 }
 
 impl Holding {
     /// The next line; `None` ends the stream.
     async fn next(&mut self) -> Option<HoldLine> {
-        loop {
-            let notice = match self.first.take() {
-                Some(notice) => Some(notice),
-                None => {
-                    let ticket = self.ticket.as_mut()?;
-                    let deadline = self.deadline.filter(|_| !self.granted);
-                    let expired = async move {
-                        match deadline {
-                            Some(deadline) => tokio::time::sleep_until(deadline).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        notice = ticket.notices.recv() => notice,
-                        () = expired => return Some(self.time_out()),
-                    }
-                }
-            };
-            match notice {
-                Some(Notice::Queued { position, holders }) if !self.granted => {
-                    return Some(HoldLine::Queued { position, holders });
-                }
-                Some(Notice::Queued { .. }) => continue,
-                Some(Notice::Granted(g)) => {
-                    self.granted = true;
-                    return Some(HoldLine::Granted(Grant {
-                        name: self.name.clone(),
-                        kind: self.kind.into(),
-                        id: g.holder_id.to_string(),
-                        fence: g.fence,
-                        slot: g.slot,
-                        mode: g.mode.into(),
-                    }));
-                }
-                Some(Notice::Lost { reason, detail }) => {
-                    self.ticket = None;
-                    return Some(HoldLine::Lost {
-                        reason: reason.into(),
-                        detail,
-                    });
-                }
-                Some(Notice::Failed(err)) => {
-                    self.ticket = None;
-                    return Some(error_line(err));
-                }
-                None => {
-                    self.ticket = None;
-                    return None;
-                }
+        let step = self.session.as_mut()?.next().await;
+        let line = match step {
+            Some(Step::Queued { position, holders }) => {
+                return Some(HoldLine::Queued { position, holders });
             }
-        }
-    }
-
-    /// The wait is over: leave the queue and say why.
-    fn time_out(&mut self) -> HoldLine {
-        match self.ticket.take() {
-            Some(ticket) => error_line(ticket.time_out(self.wait)),
-            None => error_line(LockError::NotAcquired {
-                name: printable(&self.name),
-                holders: 0,
-                held_by: Vec::new(),
-                waited: self.wait,
+            Some(Step::Granted(g)) => {
+                return Some(HoldLine::Granted(Grant {
+                    name: self.name.clone(),
+                    kind: self.kind.into(),
+                    id: g.holder_id.to_string(),
+                    fence: g.fence,
+                    slot: g.slot,
+                    mode: g.mode.into(),
+                }));
+            }
+            Some(Step::Lost { reason, detail }) => Some(HoldLine::Lost {
+                reason: reason.into(),
+                detail,
             }),
-        }
+            Some(Step::Failed(err)) => Some(error_line(err)),
+            None => None,
+        };
+        self.session = None;
+        line
     }
 }
 

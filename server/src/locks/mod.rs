@@ -41,9 +41,11 @@
 pub mod fence;
 mod mailbox;
 pub mod name;
+mod session;
 mod types;
 mod view;
 
+pub use session::{Released, Session, Step};
 pub use types::*;
 pub use view::{Detail, HolderView, LockView, Page, WaiterView};
 
@@ -1150,6 +1152,10 @@ impl Ticket {
 
     pub fn kind(&self) -> Kind {
         self.key.1
+    }
+
+    pub fn name(&self) -> &str {
+        &self.key.0
     }
 
     /// When the wait for a grant ends, if it does.

@@ -87,6 +87,9 @@ pub enum LockError {
     },
     #[error("the server is shutting down and grants no more locks")]
     Draining,
+    /// The client token may not use this name.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("lock backend failed: {0}")]
     Backend(String),
 }
