@@ -2,12 +2,14 @@
 //! `proto/padlock/v1/padlock.proto`. Never edit generated code: change the
 //! `.proto` file instead.
 
-#![allow(clippy::all, missing_docs)]
-
 pub mod codec;
 pub mod duration;
+mod kind;
+
+pub use kind::{Kind, UnknownKind};
 
 /// `padlock.v1`: the Hold stream and the inspection calls.
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("padlock.v1");
 

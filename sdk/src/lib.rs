@@ -228,13 +228,9 @@ impl fmt::Display for Lost {
     }
 }
 
-/// What kind of lock to take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Semaphore,
-    Redis,
-}
+/// What kind of lock to take (`file`, `semaphore`, `redis`; the same
+/// type the server uses).
+pub use padlock_proto::Kind;
 
 /// A connection to padlockd. Cheap to clone; clones share one HTTP/2
 /// connection, and every lock is one stream on it.
@@ -429,7 +425,7 @@ impl Client {
     pub async fn show(&self, name: &str, kind: Kind) -> Result<Option<pb::LockInfo>, Error> {
         let request = pb::GetLockRequest {
             name: name.to_string(),
-            kind: kind_to_wire(kind) as i32,
+            kind: pb::Kind::from(kind) as i32,
             ..pb::GetLockRequest::default()
         };
         match self.grpc().get_lock(request).await {
@@ -488,14 +484,6 @@ fn default_owner() -> String {
         .and_then(|a| a.rsplit('/').next().map(str::to_string))
         .unwrap_or_default();
     format!("{exe}[{}]@{host}", std::process::id())
-}
-
-fn kind_to_wire(kind: Kind) -> pb::Kind {
-    match kind {
-        Kind::File => pb::Kind::File,
-        Kind::Semaphore => pb::Kind::Semaphore,
-        Kind::Redis => pb::Kind::Redis,
-    }
 }
 
 /// How to take a lock; made by [`Client::lock`].

@@ -43,7 +43,7 @@ pub struct Config {
     /// its replicas' lock directories are not shared, so their file locks
     /// would not exclude each other.
     #[arg(long, env = "PADLOCK_KINDS", value_enum, value_delimiter = ',')]
-    pub kinds: Option<Vec<ServedKind>>,
+    pub kinds: Option<Vec<crate::locks::Kind>>,
 
     /// How often padlockd pings Redis. A Redis that stops answering is
     /// noticed, and every redis holder told Lost, within interval + timeout.
@@ -159,14 +159,6 @@ pub struct Config {
     /// reverse proxy on this machine forwards, or `*` for any.
     #[arg(long, env = "PADLOCK_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
-}
-
-/// A kind of lock, as `--kinds` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ServedKind {
-    File,
-    Semaphore,
-    Redis,
 }
 
 /// How logs are written.

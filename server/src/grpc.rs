@@ -81,14 +81,11 @@ pub fn request_timeout(message: String) -> Status {
 }
 
 fn kind_from_wire(value: i32) -> Result<Kind, LockError> {
-    match pb::Kind::try_from(value) {
-        Ok(pb::Kind::Unspecified | pb::Kind::File) => Ok(Kind::File),
-        Ok(pb::Kind::Semaphore) => Ok(Kind::Semaphore),
-        Ok(pb::Kind::Redis) => Ok(Kind::Redis),
-        Err(_) => Err(LockError::InvalidArgument(format!(
+    Kind::from_wire(value).map_err(|_| {
+        LockError::InvalidArgument(format!(
             "unknown kind {value}; expected KIND_FILE (1), KIND_SEMAPHORE (2) or KIND_REDIS (3)"
-        ))),
-    }
+        ))
+    })
 }
 
 fn mode_from_wire(value: i32) -> Result<Mode, LockError> {
@@ -98,14 +95,6 @@ fn mode_from_wire(value: i32) -> Result<Mode, LockError> {
         Err(_) => Err(LockError::InvalidArgument(format!(
             "unknown mode {value}; expected MODE_EXCLUSIVE (1) or MODE_SHARED (2)"
         ))),
-    }
-}
-
-fn kind_to_wire(kind: Kind) -> pb::Kind {
-    match kind {
-        Kind::File => pb::Kind::File,
-        Kind::Semaphore => pb::Kind::Semaphore,
-        Kind::Redis => pb::Kind::Redis,
     }
 }
 
@@ -360,7 +349,7 @@ fn waiter_to_wire(w: WaiterView) -> pb::WaiterInfo {
 fn lock_to_wire(v: LockView) -> pb::LockInfo {
     pb::LockInfo {
         name: v.name,
-        kind: kind_to_wire(v.kind) as i32,
+        kind: pb::Kind::from(v.kind) as i32,
         mode: v.mode.map_or(pb::Mode::Unspecified, mode_to_wire) as i32,
         limit: v.limit,
         holders: v.holders.into_iter().map(holder_to_wire).collect(),
@@ -388,13 +377,7 @@ fn page_size(limit: u32, what: &str) -> Result<usize, Status> {
 /// A list cursor: `<kind>:<name>` of the last lock of the previous page.
 pub fn parse_cursor(cursor: &str) -> Option<(Kind, &str)> {
     let (kind, name) = cursor.split_once(':')?;
-    let kind = match kind {
-        "file" => Kind::File,
-        "semaphore" => Kind::Semaphore,
-        "redis" => Kind::Redis,
-        _ => return None,
-    };
-    Some((kind, name))
+    Some((kind.parse().ok()?, name))
 }
 
 /// The cursor that continues after `lock`.

@@ -1,7 +1,7 @@
 //! Startup, serving and graceful shutdown.
 
 use crate::auth::{ClientTokens, GrpcAuth};
-use crate::config::{Config, ServedKind};
+use crate::config::Config;
 use crate::fds::Descriptors;
 use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
@@ -64,29 +64,25 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let fences = Fences::open(&state, fds.clone()).map_err(state_error)?;
     drop(state);
 
-    let serves = |kind: ServedKind| match &config.kinds {
+    let serves = |kind: Kind| match &config.kinds {
         Some(kinds) => kinds.contains(&kind),
-        None => kind != ServedKind::Redis || config.redis_url.is_some(),
+        None => kind != Kind::Redis || config.redis_url.is_some(),
     };
-    if serves(ServedKind::Redis) && config.redis_url.is_none() {
+    if serves(Kind::Redis) && config.redis_url.is_none() {
         return Err(StartError::Redis(
             "--kinds includes redis, which needs --redis-url".into(),
         ));
     }
     let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
-    if serves(ServedKind::File) {
+    if serves(Kind::File) {
         let file = FileKind::new(root.clone(), fds.clone());
         kinds.insert(Kind::File, Box::new(file));
     }
-    if serves(ServedKind::Semaphore) {
+    if serves(Kind::Semaphore) {
         let semaphore = SemaphoreKind::new(root, fds.clone());
         kinds.insert(Kind::Semaphore, Box::new(semaphore));
     }
-    if let Some(url) = config
-        .redis_url
-        .as_ref()
-        .filter(|_| serves(ServedKind::Redis))
-    {
+    if let Some(url) = config.redis_url.as_ref().filter(|_| serves(Kind::Redis)) {
         let redis_config = RedisConfig {
             health_interval: config.redis_health_interval,
             health_timeout: config.redis_health_timeout,

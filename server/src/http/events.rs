@@ -59,7 +59,7 @@ pub async fn events(
         stop: app.stop.clone(),
         stopping: false,
         ready: false,
-        kind: q.kind.map(Kind::from),
+        kind: q.kind,
         prefix: q.prefix.unwrap_or_default(),
         replay: Default::default(),
         replayed_to: 0,

@@ -126,7 +126,7 @@ impl Holding {
             Some(Step::Granted(g)) => {
                 return Some(HoldLine::Granted(Grant {
                     name: self.name.clone(),
-                    kind: self.kind.into(),
+                    kind: self.kind,
                     id: g.holder_id.to_string(),
                     fence: g.fence,
                     slot: g.slot,

@@ -66,7 +66,7 @@ pub async fn list_locks(
     };
     let page = match &prefix {
         Some(prefix) => app.table.list(
-            q.kind.map(Kind::from),
+            q.kind,
             prefix,
             after.map(|(kind, name)| (name, kind)),
             limit as usize,
@@ -129,8 +129,8 @@ pub async fn get_lock(
     let detail = Detail::show(q.waiter_offset.unwrap_or(0) as usize, waiter_limit as usize);
     // Without a kind, every kind is looked in.
     let kinds = match q.kind {
-        Some(kind) => vec![Kind::from(kind)],
-        None => vec![Kind::File, Kind::Semaphore, Kind::Redis],
+        Some(kind) => vec![kind],
+        None => Kind::ALL.to_vec(),
     };
     let mut found: Vec<_> = kinds
         .iter()
@@ -142,7 +142,7 @@ pub async fn get_lock(
         0 => Err(ApiError::not_found(match q.kind {
             Some(kind) => format!(
                 "no {} lock named '{}' is held or waited for",
-                Kind::from(kind).as_str(),
+                kind.as_str(),
                 printable(name)
             ),
             None => format!(
@@ -227,8 +227,8 @@ pub async fn revoke(
     let detail = format!("revoked by an administrator over HTTP, from {}", peer(conn));
     // Holder ids are unique in a server: without a kind, any kind will do.
     let kinds = match q.kind {
-        Some(kind) => vec![Kind::from(kind)],
-        None => vec![Kind::File, Kind::Semaphore, Kind::Redis],
+        Some(kind) => vec![kind],
+        None => Kind::ALL.to_vec(),
     };
     let Some(kind) = kinds.into_iter().find(|kind| {
         app.table
@@ -243,7 +243,7 @@ pub async fn revoke(
     Ok(Json(Revoked {
         revoked: HolderRef {
             name: name.to_string(),
-            kind: kind.into(),
+            kind,
             id: id.to_string(),
         },
     }))
@@ -286,7 +286,7 @@ pub async fn revoke_holder(
     Ok(Json(Revoked {
         revoked: HolderRef {
             name,
-            kind: kind.into(),
+            kind,
             id: id.to_string(),
         },
     }))

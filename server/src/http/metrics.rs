@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const KINDS: [Kind; 3] = [Kind::File, Kind::Semaphore, Kind::Redis];
 const REASONS: [LostReason; 3] = [
     LostReason::Shutdown,
     LostReason::Revoked,
@@ -29,14 +28,6 @@ const WAIT_BUCKETS: [f64; 12] = [
 const HOLD_BUCKETS: [f64; 11] = [
     0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 43200.0, 86400.0,
 ];
-
-fn kind_index(kind: Kind) -> usize {
-    match kind {
-        Kind::File => 0,
-        Kind::Semaphore => 1,
-        Kind::Redis => 2,
-    }
-}
 
 fn reason_index(reason: LostReason) -> usize {
     match reason {
@@ -101,13 +92,13 @@ impl Histogram {
     }
 }
 
-/// Counters per kind (index: [`kind_index`]).
+/// Counters per kind (index: [`Kind::index`]).
 #[derive(Default)]
 struct PerKind([AtomicU64; 3]);
 
 impl PerKind {
     fn add(&self, kind: Kind) {
-        self.0[kind_index(kind)].fetch_add(1, Relaxed);
+        self.0[kind.index()].fetch_add(1, Relaxed);
     }
 }
 
@@ -189,7 +180,7 @@ impl Metrics {
     }
 
     pub fn record(&self, event: &Event) {
-        let k = kind_index(event.kind);
+        let k = event.kind.index();
         // A grant that came after a wait in the queue.
         let mut queued = false;
         match &event.what {
@@ -244,8 +235,8 @@ impl Metrics {
         let mut out = String::with_capacity(8 * 1024);
         let counter = |out: &mut String, name: &str, help: &str, values: &PerKind| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for kind in KINDS {
-                let v = values.0[kind_index(kind)].load(Relaxed);
+            for kind in Kind::ALL {
+                let v = values.0[kind.index()].load(Relaxed);
                 let _ = writeln!(out, "{name}{{kind=\"{}\"}} {v}", kind.as_str());
             }
         };
@@ -279,9 +270,9 @@ impl Metrics {
             out,
             "# HELP {name} Locks that ended without their holder asking, by reason.\n# TYPE {name} counter"
         );
-        for kind in KINDS {
+        for kind in Kind::ALL {
             for reason in REASONS {
-                let v = self.losses[kind_index(kind)][reason_index(reason)].load(Relaxed);
+                let v = self.losses[kind.index()][reason_index(reason)].load(Relaxed);
                 let (kind, reason) = (kind.as_str(), reason_str(reason));
                 let _ = writeln!(out, "{name}{{kind=\"{kind}\",reason=\"{reason}\"}} {v}");
             }
@@ -289,8 +280,8 @@ impl Metrics {
 
         let gauge = |out: &mut String, name: &str, help: &str, values: &[AtomicI64; 3]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for kind in KINDS {
-                let v = values[kind_index(kind)].load(Relaxed).max(0);
+            for kind in Kind::ALL {
+                let v = values[kind.index()].load(Relaxed).max(0);
                 let _ = writeln!(out, "{name}{{kind=\"{}\"}} {v}", kind.as_str());
             }
         };
@@ -309,8 +300,8 @@ impl Metrics {
 
         let histogram = |out: &mut String, name: &str, help: &str, values: &[Histogram; 3]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            for kind in KINDS {
-                values[kind_index(kind)].render(out, name, kind.as_str());
+            for kind in Kind::ALL {
+                values[kind.index()].render(out, name, kind.as_str());
             }
         };
         histogram(

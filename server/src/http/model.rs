@@ -11,34 +11,9 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 use utoipa::{IntoParams, ToSchema};
 
-/// What is locked: a file, a semaphore's slot files, or a Redis channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    File,
-    Semaphore,
-    Redis,
-}
-
-impl From<Kind> for locks::Kind {
-    fn from(kind: Kind) -> locks::Kind {
-        match kind {
-            Kind::File => locks::Kind::File,
-            Kind::Semaphore => locks::Kind::Semaphore,
-            Kind::Redis => locks::Kind::Redis,
-        }
-    }
-}
-
-impl From<locks::Kind> for Kind {
-    fn from(kind: locks::Kind) -> Kind {
-        match kind {
-            locks::Kind::File => Kind::File,
-            locks::Kind::Semaphore => Kind::Semaphore,
-            locks::Kind::Redis => Kind::Redis,
-        }
-    }
-}
+/// What is locked: the one [`locks::Kind`], in JSON as `file`,
+/// `semaphore` or `redis`.
+pub use locks::Kind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -263,7 +238,7 @@ impl From<&locks::Event> for Event {
             seq: e.seq,
             at: rfc3339(e.at),
             at_unix_ms: unix_ms(e.at),
-            kind: e.kind.into(),
+            kind: e.kind,
             name: e.name.to_string(),
             id: e.id.to_string(),
             fence: None,
@@ -354,7 +329,7 @@ impl From<LockView> for Lock {
     fn from(v: LockView) -> Lock {
         Lock {
             name: v.name,
-            kind: v.kind.into(),
+            kind: v.kind,
             mode: v.mode.map(Mode::from),
             limit: v.limit,
             holders: v.holders.into_iter().map(Holder::from).collect(),

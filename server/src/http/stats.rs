@@ -92,7 +92,7 @@ pub async fn server(
         .map(|kind| {
             let why = down.iter().find(|(k, _)| *k == kind).map(|(_, e)| e);
             KindState {
-                kind: kind.into(),
+                kind,
                 serving: why.is_none() && !draining,
                 detail: why
                     .map(ToString::to_string)
@@ -280,7 +280,7 @@ pub async fn stats(
 fn contended(name: &str, kind: crate::locks::Kind, c: &Contention) -> Contended {
     Contended {
         name: name.to_string(),
-        kind: kind.into(),
+        kind,
         queued: c.queued,
         granted_after_wait: c.granted_after_wait,
         gave_up: c.gave_up,

@@ -7,23 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-/// What is locked, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    File,
-    Semaphore,
-    Redis,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::File => "file",
-            Kind::Semaphore => "semaphore",
-            Kind::Redis => "redis",
-        }
-    }
-}
+/// What is locked (one definition for the server, the SDK and the CLI).
+pub use padlock_proto::Kind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

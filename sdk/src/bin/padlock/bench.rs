@@ -6,7 +6,7 @@
 //! name, and the server's resident memory per held lock.
 
 use clap::Args;
-use padlock::{Client, ClientBuilder, LockBuilder};
+use padlock::{Client, ClientBuilder, Kind, LockBuilder};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -27,9 +27,9 @@ pub struct BenchArgs {
     /// Connections the held locks are spread over.
     #[arg(long, default_value_t = 16)]
     held_connections: usize,
-    /// Kind to measure: file or semaphore (limit 1).
-    #[arg(long, default_value = "file")]
-    kind: String,
+    /// Kind to measure (a semaphore with limit 1).
+    #[arg(long, value_enum, default_value_t = Kind::File)]
+    kind: Kind,
     /// Prefix of every lock name the benchmark uses.
     #[arg(long, default_value = "bench")]
     prefix: String,
@@ -76,18 +76,10 @@ impl BenchArgs {
         let builder = client
             .lock(format!("{}/{name}", self.prefix))
             .owner("padlock bench");
-        match self.kind.as_str() {
-            "semaphore" => builder.semaphore(1),
-            "redis" => builder.redis(),
-            _ => builder,
-        }
-    }
-
-    fn kind(&self) -> padlock::Kind {
-        match self.kind.as_str() {
-            "semaphore" => padlock::Kind::Semaphore,
-            "redis" => padlock::Kind::Redis,
-            _ => padlock::Kind::File,
+        match self.kind {
+            Kind::Semaphore => builder.semaphore(1),
+            Kind::Redis => builder.redis(),
+            Kind::File => builder,
         }
     }
 }
@@ -114,12 +106,6 @@ pub async fn run(
     server: &str,
     args: BenchArgs,
 ) -> Result<(), String> {
-    if !matches!(args.kind.as_str(), "file" | "semaphore" | "redis") {
-        return Err(format!(
-            "--kind {}: the benchmark measures file, semaphore or redis",
-            args.kind
-        ));
-    }
     let phase = Duration::try_from_secs_f64(args.seconds).map_err(|e| format!("--seconds: {e}"))?;
     let err = |e: padlock::Error| e.to_string();
     println!(
@@ -218,7 +204,7 @@ pub async fn run(
             let _ = granted_tx.send((Instant::now(), guard));
         });
         let name = format!("{}/contended", args.prefix);
-        let kind = args.kind();
+        let kind = args.kind;
         loop {
             let info = client.show(&name, kind).await.map_err(err)?;
             if info.is_some_and(|l| l.waiters.len() == 1) {
@@ -268,7 +254,7 @@ pub async fn run(
         );
     }
 
-    if args.held > 0 && args.kind == "redis" {
+    if args.held > 0 && args.kind == Kind::Redis {
         println!(
             "\n(memory phase skipped for the redis kind: each held lock is one Redis connection)"
         );

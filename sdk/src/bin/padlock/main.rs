@@ -115,7 +115,7 @@ enum Command {
         name: String,
         /// Only this kind [default: look in every kind].
         #[arg(long, value_enum)]
-        kind: Option<KindArg>,
+        kind: Option<Kind>,
     },
     /// Measure latency and throughput of a padlockd deployment.
     Bench(bench::BenchArgs),
@@ -124,36 +124,11 @@ enum Command {
     Health,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum KindArg {
-    File,
-    Semaphore,
-    Redis,
-}
-
-impl From<KindArg> for Kind {
-    fn from(kind: KindArg) -> Kind {
-        match kind {
-            KindArg::File => Kind::File,
-            KindArg::Semaphore => Kind::Semaphore,
-            KindArg::Redis => Kind::Redis,
-        }
-    }
-}
-
-fn kind_str(kind: Kind) -> &'static str {
-    match kind {
-        Kind::File => "file",
-        Kind::Semaphore => "semaphore",
-        Kind::Redis => "redis",
-    }
-}
-
 #[derive(Args)]
 struct LockArgs {
     /// Kind of lock [default: file, or semaphore when --limit is given].
     #[arg(long, value_enum)]
-    kind: Option<KindArg>,
+    kind: Option<Kind>,
     /// Take the lock in shared (read) mode.
     #[arg(long)]
     shared: bool,
@@ -176,22 +151,22 @@ struct LockArgs {
 }
 
 impl LockArgs {
-    fn kind(&self) -> KindArg {
+    fn kind(&self) -> Kind {
         self.kind.unwrap_or(if self.limit.is_some() {
-            KindArg::Semaphore
+            Kind::Semaphore
         } else {
-            KindArg::File
+            Kind::File
         })
     }
 
     fn builder(&self, client: &Client) -> Result<LockBuilder, String> {
         let mut builder = client.lock(&self.name);
         match (self.kind(), self.limit) {
-            (KindArg::Semaphore, Some(limit)) => builder = builder.semaphore(limit),
-            (KindArg::Semaphore, None) => return Err("--kind semaphore needs --limit N".into()),
+            (Kind::Semaphore, Some(limit)) => builder = builder.semaphore(limit),
+            (Kind::Semaphore, None) => return Err("--kind semaphore needs --limit N".into()),
             (_, Some(_)) => return Err("--limit only applies to semaphores".into()),
-            (KindArg::Redis, None) => builder = builder.redis(),
-            (KindArg::File, None) => {}
+            (Kind::Redis, None) => builder = builder.redis(),
+            (Kind::File, None) => {}
         }
         if self.shared {
             builder = builder.shared();
@@ -272,8 +247,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Show { name, kind } => {
             let kinds = match kind {
-                Some(kind) => vec![kind.into()],
-                None => vec![Kind::File, Kind::Semaphore, Kind::Redis],
+                Some(kind) => vec![kind],
+                None => Kind::ALL.to_vec(),
             };
             let mut found = Vec::new();
             for kind in kinds {
@@ -283,10 +258,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             if found.is_empty() {
                 return Err(match kind {
-                    Some(kind) => format!(
-                        "nobody holds or waits for {} lock '{name}'",
-                        kind_str(kind.into())
-                    ),
+                    Some(kind) => {
+                        format!("nobody holds or waits for {} lock '{name}'", kind.as_str())
+                    }
                     None => {
                         format!("nobody holds or waits for a lock named '{name}' (of any kind)")
                     }
@@ -378,9 +352,9 @@ async fn acquire(client: &Client, lock: &LockArgs) -> Result<LockGuard, ExitCode
 /// "waiting for file lock 'x': 2 of 3 in line, held by padlock[42]@host
 /// for 1m05s; waited 12.0s".
 async fn waiting_line(client: &Client, lock: &LockArgs, id: &str, waited: Duration) -> String {
-    let kind = lock.kind().into();
+    let kind = lock.kind();
     let waited = span(waited.as_millis() as u64);
-    let head = format!("waiting for {} lock '{}'", kind_str(kind), lock.name);
+    let head = format!("waiting for {} lock '{}'", kind.as_str(), lock.name);
     let Ok(Some(info)) = client.show(&lock.name, kind).await else {
         return format!("{head}; waited {waited}");
     };
@@ -512,11 +486,7 @@ async fn release(guard: LockGuard) -> Result<ExitCode, String> {
 }
 
 fn kind_name(kind: i32) -> &'static str {
-    match proto::Kind::try_from(kind) {
-        Ok(proto::Kind::Semaphore) => "semaphore",
-        Ok(proto::Kind::Redis) => "redis",
-        _ => "file",
-    }
+    Kind::from_wire(kind).map_or("?", Kind::as_str)
 }
 
 fn mode_name(mode: i32) -> &'static str {
