@@ -26,7 +26,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Every kind, in the order lists and metrics show them.
+    /// Every kind, in order (the first is the smallest), as lists and
+    /// metrics show them.
     pub const ALL: [Kind; 3] = [Kind::File, Kind::Semaphore, Kind::Redis];
 
     pub fn as_str(self) -> &'static str {
@@ -114,5 +115,6 @@ mod tests {
             "unknown kind '9'; expected file, semaphore or redis"
         );
         assert!("File".parse::<Kind>().is_err());
+        assert!(Kind::ALL.windows(2).all(|w| w[0] < w[1]), "in order");
     }
 }

@@ -5,11 +5,10 @@ use crate::config::Config;
 use crate::fds::Descriptors;
 use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
-use crate::kinds::{Kind as KindImpl, file::FileKind, fs::Root, semaphore::SemaphoreKind};
+use crate::kinds::{Backends, file::FileKind, fs::Root, semaphore::SemaphoreKind};
 use crate::locks::{Kind, Limits, LockTable, fence::Fences};
 use crate::serve::Serving;
 use padlock_proto::v1::{FILE_DESCRIPTOR_SET, padlock_server::PadlockServer};
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -73,14 +72,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             "--kinds includes redis, which needs --redis-url".into(),
         ));
     }
-    let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
+    let mut kinds = Backends::new();
     if serves(Kind::File) {
-        let file = FileKind::new(root.clone(), fds.clone());
-        kinds.insert(Kind::File, Box::new(file));
+        kinds.serve(Kind::File, FileKind::new(root.clone(), fds.clone()));
     }
     if serves(Kind::Semaphore) {
-        let semaphore = SemaphoreKind::new(root, fds.clone());
-        kinds.insert(Kind::Semaphore, Box::new(semaphore));
+        let max = config.max_semaphore_limit;
+        kinds.serve(Kind::Semaphore, SemaphoreKind::new(root, fds.clone(), max));
     }
     if let Some(url) = config.redis_url.as_ref().filter(|_| serves(Kind::Redis)) {
         let redis_config = RedisConfig {
@@ -94,12 +92,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         if !redis.is_healthy() {
             tracing::warn!(%url, "redis is not answering yet; redis locks are refused until it does");
         }
-        kinds.insert(Kind::Redis, Box::new(redis));
+        kinds.serve(Kind::Redis, redis);
+    } else if config.redis_url.is_none() {
+        kinds.explain(
+            Kind::Redis,
+            "the redis kind is not configured on this server: start padlockd with \
+             --redis-url redis://HOST:PORT (or PADLOCK_REDIS_URL)",
+        );
     }
     let limits = Limits {
         max_locks: config.max_locks,
         max_waiters_per_lock: config.max_waiters_per_lock,
-        max_semaphore_limit: config.max_semaphore_limit,
         max_holds: config.max_holds,
         max_name_components: config.max_name_components.into(),
     };

@@ -67,7 +67,7 @@ pub async fn hold(
     let body = parse_body(&body)?;
     let params = Params::merge(query, body)?;
     let wait = params.wait.map(parse_wait).transpose()?;
-    let kind = params.kind.map_or(Kind::File, Kind::from);
+    let kind = params.kind.unwrap_or(Kind::File);
     let request = AcquireRequest {
         name: name.to_string(),
         kind,

@@ -8,7 +8,7 @@
 //! deleted: deleting a lock file that someone else has open breaks flock.
 
 use super::fs::{OpenError, Root};
-use super::{Attempt, Held, Kind, Request};
+use super::{Attempt, Backend, Held, Request};
 use crate::fds::{Descriptors, FdToken};
 use crate::locks::{LockError, Mode};
 use rustix::fs::{FlockOperation, OFlags, flock};
@@ -32,7 +32,11 @@ impl FileKind {
     }
 }
 
-impl Kind for FileKind {
+impl Backend for FileKind {
+    fn in_lock_dir(&self) -> bool {
+        true
+    }
+
     fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
         let op = match req.mode {
             Mode::Exclusive => FlockOperation::NonBlockingLockExclusive,

@@ -2,15 +2,17 @@
 //!
 //! The lock table decides *who* is next; a kind decides whether the outside
 //! world (other processes' flocks, other padlockd instances) lets that
-//! waiter in right now. Each kind is one module behind [`Kind`]; the table
-//! never sees file descriptors.
+//! waiter in right now, and which requests and holders its rules allow.
+//! Each kind is one module behind [`Backend`]; the table never sees file
+//! descriptors and names no kind.
 
 pub mod file;
 pub mod fs;
 pub mod redis;
 pub mod semaphore;
 
-use crate::locks::{LockError, Mode};
+use crate::locks::{Kind, LockError, Mode};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -122,10 +124,21 @@ pub enum Attempt {
     Contend(Contention),
 }
 
-/// One kind of lock.
-pub trait Kind: Send + Sync {
+/// This server's holders of one lock, as a kind's rules see them.
+#[derive(Debug, Clone, Copy)]
+pub struct Holders {
+    pub count: usize,
+    /// Every holder holds in shared mode (true when there are none).
+    pub all_shared: bool,
+    /// The lock's limit (semaphores; 0 otherwise).
+    pub limit: u32,
+}
+
+/// One kind of lock: how it is taken in the outside world, and its rules.
+pub trait Backend: Send + Sync {
     /// Tries, without blocking, to take `req.name` for one more holder. The
-    /// table has already checked that its own holders admit the request.
+    /// table has already checked that its own holders admit the request
+    /// ([`Backend::admits`]).
     fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError>;
 
     /// Refuses new requests while the backend is known to be down.
@@ -137,5 +150,54 @@ pub trait Kind: Send + Sync {
     /// follows), before the request joins a queue.
     fn check_name(&self, _name: &str) -> Result<(), LockError> {
         Ok(())
+    }
+
+    /// Refuses a mode or limit this kind does not take. By default a lock
+    /// has no limit and takes either mode.
+    fn check_request(&self, kind: Kind, _mode: Mode, limit: u32) -> Result<(), LockError> {
+        if limit == 0 {
+            return Ok(());
+        }
+        Err(LockError::InvalidArgument(format!(
+            "limit {limit} was given for a {kind} lock; only semaphores take a limit"
+        )))
+    }
+
+    /// Do this server's `holders` leave room for one more in `mode`? By
+    /// default an exclusive holder is alone and shared holders share.
+    fn admits(&self, holders: Holders, mode: Mode) -> bool {
+        match mode {
+            Mode::Exclusive => holders.count == 0,
+            Mode::Shared => holders.all_shared,
+        }
+    }
+
+    /// Its locks are files in the lock directory, which other padlockd
+    /// processes may share: they take turns (see [`crate::locks`]).
+    fn in_lock_dir(&self) -> bool {
+        false
+    }
+}
+
+/// The kinds a server serves, and for the others why not.
+#[derive(Default)]
+pub struct Backends {
+    pub(crate) served: HashMap<Kind, Box<dyn Backend>>,
+    pub(crate) not_served: HashMap<Kind, String>,
+}
+
+impl Backends {
+    pub fn new() -> Backends {
+        Backends::default()
+    }
+
+    /// Serves `kind` with `backend`.
+    pub fn serve(&mut self, kind: Kind, backend: impl Backend + 'static) {
+        self.served.insert(kind, Box::new(backend));
+    }
+
+    /// Says why `kind` is not served, to a client that asks for it.
+    pub fn explain(&mut self, kind: Kind, why: impl Into<String>) {
+        self.not_served.insert(kind, why.into());
     }
 }

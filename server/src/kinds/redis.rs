@@ -35,7 +35,7 @@
 //! never re-established: a resurrected subscription would be a silent
 //! re-acquisition.
 
-use super::{Attempt, Confirmation, Contention, Held, Kind, OnLost, Request};
+use super::{Attempt, Backend, Confirmation, Contention, Held, OnLost, Request};
 use crate::fds::{Descriptors, FdToken};
 use crate::locks::{LockError, Mode};
 use futures_util::StreamExt;
@@ -207,7 +207,7 @@ impl RedisKind {
     }
 }
 
-impl Kind for RedisKind {
+impl Backend for RedisKind {
     fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
         let contender = Contender {
             counted: Some(self.inner.fds.take()?),

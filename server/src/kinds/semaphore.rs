@@ -8,20 +8,26 @@
 
 use super::file::try_flock;
 use super::fs::Root;
-use super::{Attempt, Held, Kind, Request};
+use super::{Attempt, Backend, Held, Holders, Request};
 use crate::fds::Descriptors;
-use crate::locks::LockError;
+use crate::locks::{Kind, LockError, Mode};
 use rustix::fs::FlockOperation;
 use std::sync::Arc;
 
 pub struct SemaphoreKind {
     root: Arc<Root>,
     fds: Arc<Descriptors>,
+    /// The largest limit a request may ask for (`--max-semaphore-limit`).
+    max_limit: u32,
 }
 
 impl SemaphoreKind {
-    pub fn new(root: Arc<Root>, fds: Arc<Descriptors>) -> SemaphoreKind {
-        SemaphoreKind { root, fds }
+    pub fn new(root: Arc<Root>, fds: Arc<Descriptors>, max_limit: u32) -> SemaphoreKind {
+        SemaphoreKind {
+            root,
+            fds,
+            max_limit,
+        }
     }
 }
 
@@ -30,7 +36,36 @@ pub fn slot_file(name: &str, slot: u32) -> String {
     format!("{name}.{slot:02}.lock")
 }
 
-impl Kind for SemaphoreKind {
+impl Backend for SemaphoreKind {
+    fn check_request(&self, _kind: Kind, mode: Mode, limit: u32) -> Result<(), LockError> {
+        let refuse = |why: String| Err(LockError::InvalidArgument(why));
+        if limit == 0 {
+            return refuse("a semaphore needs a limit of at least 1".into());
+        }
+        if limit > self.max_limit {
+            return refuse(format!(
+                "semaphore limit {limit} is above the server's maximum of {} \
+                 (--max-semaphore-limit)",
+                self.max_limit
+            ));
+        }
+        if mode == Mode::Shared {
+            return refuse(
+                "semaphore slots are exclusive; mode 'shared' does not apply to semaphores".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// One holder per slot, up to the limit.
+    fn admits(&self, holders: Holders, _mode: Mode) -> bool {
+        holders.count < holders.limit as usize
+    }
+
+    fn in_lock_dir(&self) -> bool {
+        true
+    }
+
     fn try_acquire(&self, req: Request<'_>) -> Result<Attempt, LockError> {
         for slot in (0..req.limit).filter(|s| !req.own_slots.contains(s)) {
             let file = slot_file(req.name, slot);
@@ -59,7 +94,7 @@ mod tests {
     fn takes_lowest_free_slot_and_reports_busy() {
         let dir = tempfile::tempdir().unwrap();
         let root = Arc::new(Root::open(dir.path()).unwrap());
-        let kind = SemaphoreKind::new(root, Descriptors::unlimited());
+        let kind = SemaphoreKind::new(root, Descriptors::unlimited(), 1024);
         let take = |own: &[u32]| {
             let req = Request {
                 name: "s",

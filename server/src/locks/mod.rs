@@ -49,7 +49,7 @@ pub use session::{Released, Session, Step};
 pub use types::*;
 pub use view::{Detail, HolderView, LockView, Page, WaiterView};
 
-use crate::kinds::{Attempt, Contention, Held, Kind as KindImpl, Request};
+use crate::kinds::{Attempt, Backend, Backends, Contention, Held, Holders, Request};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -140,14 +140,12 @@ impl Lock {
         }
     }
 
-    /// Do this server's holders leave room for one more holder in `mode`?
-    fn admits(&self, kind: Kind, mode: Mode) -> bool {
-        match kind {
-            Kind::Semaphore => self.holders.len() < self.limit as usize,
-            _ => match mode {
-                Mode::Exclusive => self.holders.is_empty(),
-                Mode::Shared => self.holders.iter().all(|h| h.entry.mode == Mode::Shared),
-            },
+    /// This server's holders, as a kind's rules see them.
+    fn holders(&self) -> Holders {
+        Holders {
+            count: self.holders.len(),
+            all_shared: self.holders.iter().all(|h| h.entry.mode == Mode::Shared),
+            limit: self.limit,
         }
     }
 
@@ -172,7 +170,9 @@ struct Shared {
     observer: std::sync::OnceLock<Observer>,
     /// The last event's [`Event::seq`]; bumped under the table's mutex.
     event_seq: std::sync::atomic::AtomicU64,
-    kinds: HashMap<Kind, Box<dyn KindImpl>>,
+    kinds: HashMap<Kind, Box<dyn Backend>>,
+    /// Why the other kinds are not served.
+    not_served: HashMap<Kind, String>,
     fences: fence::Fences,
     limits: Limits,
 }
@@ -249,11 +249,7 @@ impl After {
 }
 
 impl LockTable {
-    pub fn new(
-        kinds: HashMap<Kind, Box<dyn KindImpl>>,
-        fences: fence::Fences,
-        limits: Limits,
-    ) -> LockTable {
+    pub fn new(kinds: Backends, fences: fence::Fences, limits: Limits) -> LockTable {
         LockTable {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -265,7 +261,8 @@ impl LockTable {
                 events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
                 observer: std::sync::OnceLock::new(),
                 event_seq: std::sync::atomic::AtomicU64::new(0),
-                kinds,
+                kinds: kinds.served,
+                not_served: kinds.not_served,
                 fences,
                 limits,
             }),
@@ -326,48 +323,21 @@ impl LockTable {
     fn check(&self, req: &AcquireRequest) -> Result<(), LockError> {
         let limits = &self.shared.limits;
         name::validate(&req.name, limits.max_name_components)?;
-        match (req.kind, req.limit) {
-            (Kind::Semaphore, 0) => {
-                return Err(LockError::InvalidArgument(
-                    "a semaphore needs a limit of at least 1".into(),
-                ));
-            }
-            (Kind::Semaphore, n) if n > limits.max_semaphore_limit => {
-                return Err(LockError::InvalidArgument(format!(
-                    "semaphore limit {n} is above the server's maximum of {} (--max-semaphore-limit)",
-                    limits.max_semaphore_limit
-                )));
-            }
-            (Kind::Semaphore, _) if req.mode == Mode::Shared => {
-                return Err(LockError::InvalidArgument(
-                    "semaphore slots are exclusive; mode 'shared' does not apply to semaphores"
-                        .into(),
-                ));
-            }
-            (Kind::Semaphore, _) | (_, 0) => {}
-            (kind, n) => {
-                return Err(LockError::InvalidArgument(format!(
-                    "limit {n} was given for a {} lock; only semaphores take a limit",
-                    kind.as_str()
-                )));
-            }
-        }
+        let Some(backend) = self.shared.kinds.get(&req.kind) else {
+            return Err(self.not_served(req.kind));
+        };
+        backend.check_request(req.kind, req.mode, req.limit)?;
         req.check_metadata()?;
-        match self.shared.kinds.get(&req.kind) {
-            Some(kind) => {
-                kind.check_available()?;
-                kind.check_name(&req.name)
-            }
-            None if req.kind == Kind::Redis => Err(LockError::Unavailable(
-                "the redis kind is not configured on this server: start padlockd with \
-                 --redis-url redis://HOST:PORT (or PADLOCK_REDIS_URL)"
-                    .into(),
-            )),
-            None => Err(LockError::Unavailable(format!(
-                "this server does not serve {} locks (see its --kinds)",
-                req.kind.as_str()
-            ))),
-        }
+        backend.check_available()?;
+        backend.check_name(&req.name)
+    }
+
+    /// Why a kind is refused that this server does not serve.
+    fn not_served(&self, kind: Kind) -> LockError {
+        LockError::Unavailable(match self.shared.not_served.get(&kind) {
+            Some(why) => why.clone(),
+            None => format!("this server does not serve {kind} locks (see its --kinds)"),
+        })
     }
 
     /// Joins the queue for a lock. The returned ticket has already received
@@ -499,7 +469,8 @@ impl LockTable {
         loop {
             let (job, own_note) = {
                 let mut st = self.state();
-                match next_job(&mut st, key, handoff) {
+                let backend = self.shared.kinds.get(&key.1).map(Box::as_ref);
+                match next_job(&mut st, key, backend, handoff) {
                     Some(picked) => picked,
                     None => return,
                 }
@@ -529,16 +500,13 @@ impl LockTable {
     /// Tries to take the lock for `job`, without the table's mutex.
     fn attempt(&self, key: &Key, job: &Job) -> Outcome {
         let Some(kind) = self.shared.kinds.get(&key.1) else {
-            return Outcome::Failed(LockError::Unavailable(format!(
-                "this server does not serve {} locks",
-                key.1.as_str()
-            )));
+            return Outcome::Failed(self.not_served(key.1));
         };
         // Lock files are shared with other processes: when other
         // padlockd share the directory, take turns with those that
         // announced waiters.
         let fences = &self.shared.fences;
-        let shared_dir = matches!(key.1, Kind::File | Kind::Semaphore) && fences.others_alive();
+        let shared_dir = kind.in_lock_dir() && fences.others_alive();
         if job.handoff && shared_dir && fences.is_wanted(key.1.as_str(), &key.0) {
             return Outcome::Yield;
         }
@@ -1064,6 +1032,7 @@ impl LockTable {
 fn next_job(
     st: &mut State,
     key: &Key,
+    backend: Option<&dyn Backend>,
     handoff: bool,
 ) -> Option<(Job, Option<fence::Announcement>)> {
     let lock = st.locks.get_mut(key)?;
@@ -1073,7 +1042,8 @@ fn next_job(
         return None;
     }
     let head = lock.waiters.front()?;
-    if !lock.admits(key.1, head.mode) {
+    // (A kind that is not served never gets a queue: it is refused first.)
+    if !backend.is_some_and(|b| b.admits(lock.holders(), head.mode)) {
         return None;
     }
     // While the lock is left to another process, every attempt looks

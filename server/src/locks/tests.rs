@@ -8,16 +8,16 @@ fn table(dir: &std::path::Path, limits: Limits) -> LockTable {
     table_with(dir, limits, Descriptors::unlimited())
 }
 
+/// Semaphores in these tables take a limit of at most this.
+const MAX_SEMAPHORE_LIMIT: u32 = 4;
+
 fn table_with(dir: &std::path::Path, limits: Limits, fds: Arc<Descriptors>) -> LockTable {
     let root = Arc::new(Root::open(dir).unwrap());
-    let mut kinds: HashMap<Kind, Box<dyn KindImpl>> = HashMap::new();
-    kinds.insert(
-        Kind::File,
-        Box::new(FileKind::new(root.clone(), fds.clone())),
-    );
-    kinds.insert(
+    let mut kinds = crate::kinds::Backends::new();
+    kinds.serve(Kind::File, FileKind::new(root.clone(), fds.clone()));
+    kinds.serve(
         Kind::Semaphore,
-        Box::new(SemaphoreKind::new(root.clone(), fds)),
+        SemaphoreKind::new(root.clone(), fds, MAX_SEMAPHORE_LIMIT),
     );
     let state = root.private_subdir(".padlock").unwrap();
     let fences = fence::Fences::open(&state, Descriptors::unlimited()).unwrap();
@@ -111,13 +111,7 @@ async fn try_only_fails_without_queueing() {
 #[tokio::test]
 async fn semaphore_limits_are_checked_and_remembered() {
     let dir = tempfile::tempdir().unwrap();
-    let t = table(
-        dir.path(),
-        Limits {
-            max_semaphore_limit: 4,
-            ..Limits::default()
-        },
-    );
+    let t = table(dir.path(), Limits::default());
     let sem = |limit| AcquireRequest {
         kind: Kind::Semaphore,
         limit,

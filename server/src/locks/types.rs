@@ -107,7 +107,6 @@ fn not_acquired(name: &str, holders: usize, held_by: &[String], waited: &Duratio
 pub struct Limits {
     pub max_locks: usize,
     pub max_waiters_per_lock: usize,
-    pub max_semaphore_limit: u32,
     /// Lock requests open at once, waiting or holding.
     pub max_holds: usize,
     /// Most `/`-separated components in a name.
@@ -119,7 +118,6 @@ impl Default for Limits {
         Limits {
             max_locks: 10_000,
             max_waiters_per_lock: 10_000,
-            max_semaphore_limit: 1024,
             max_holds: 20_000,
             max_name_components: 16,
         }

@@ -110,7 +110,8 @@ pub(super) fn under<'a>(
     locks: &'a BTreeMap<Key, Lock>,
     prefix: &'a str,
 ) -> impl Iterator<Item = (&'a Key, &'a Lock)> {
-    let start: Key = (Arc::from(prefix), Kind::File);
+    // Keys sort by name, then kind; `Kind::ALL` is in order.
+    let start: Key = (Arc::from(prefix), Kind::ALL[0]);
     locks
         .range((Bound::Included(start), Bound::Unbounded))
         .take_while(move |((name, _), _)| name.starts_with(prefix))
@@ -126,7 +127,7 @@ pub(super) fn page(
 ) -> Page {
     let start = match after {
         Some((name, kind)) if name >= prefix => Bound::Excluded((Arc::<str>::from(name), kind)),
-        _ => Bound::Included((Arc::<str>::from(prefix), Kind::File)),
+        _ => Bound::Included((Arc::<str>::from(prefix), Kind::ALL[0])),
     };
     let mut page = Page::default();
     let mut spent = 0;
