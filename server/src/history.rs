@@ -286,8 +286,8 @@ impl History {
                     lock.waited(*waited);
                 }
             }
-            EventKind::Released { held } | EventKind::Lost { held, .. } => {
-                minute.hold.observe(*held);
+            EventKind::Released { held_for } | EventKind::Lost { held_for, .. } => {
+                minute.hold.observe(*held_for);
             }
             EventKind::Abandoned { waited } => {
                 let lock = minute.lock(&event.name, event.kind);
@@ -474,7 +474,7 @@ mod tests {
                 start + 2000,
                 "b",
                 EventKind::Released {
-                    held: Duration::from_secs(1),
+                    held_for: Duration::from_secs(1),
                 },
             ),
             0,

@@ -14,12 +14,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const REASONS: [LostReason; 3] = [
-    LostReason::Shutdown,
-    LostReason::Revoked,
-    LostReason::Backend,
-];
-
 /// Upper bounds of the wait-time buckets, in seconds.
 const WAIT_BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -28,22 +22,6 @@ const WAIT_BUCKETS: [f64; 12] = [
 const HOLD_BUCKETS: [f64; 11] = [
     0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 43200.0, 86400.0,
 ];
-
-fn reason_index(reason: LostReason) -> usize {
-    match reason {
-        LostReason::Shutdown => 0,
-        LostReason::Revoked => 1,
-        LostReason::Backend => 2,
-    }
-}
-
-pub fn reason_str(reason: LostReason) -> &'static str {
-    match reason {
-        LostReason::Shutdown => "shutdown",
-        LostReason::Revoked => "revoked",
-        LostReason::Backend => "backend",
-    }
-}
 
 /// A histogram with fixed buckets; observations in microseconds.
 struct Histogram {
@@ -201,15 +179,15 @@ impl Metrics {
                 self.holders[k].fetch_add(1, Relaxed);
                 self.wait_seconds[k].observe(*waited);
             }
-            EventKind::Released { held } => {
+            EventKind::Released { held_for } => {
                 self.releases.add(event.kind);
                 self.holders[k].fetch_sub(1, Relaxed);
-                self.hold_seconds[k].observe(*held);
+                self.hold_seconds[k].observe(*held_for);
             }
-            EventKind::Lost { reason, held } => {
-                self.losses[k][reason_index(*reason)].fetch_add(1, Relaxed);
+            EventKind::Lost { reason, held_for } => {
+                self.losses[k][reason.index()].fetch_add(1, Relaxed);
                 self.holders[k].fetch_sub(1, Relaxed);
-                self.hold_seconds[k].observe(*held);
+                self.hold_seconds[k].observe(*held_for);
             }
             EventKind::Abandoned { .. } => {
                 if self.stop_waiting(event.id) {
@@ -271,9 +249,9 @@ impl Metrics {
             "# HELP {name} Locks that ended without their holder asking, by reason.\n# TYPE {name} counter"
         );
         for kind in Kind::ALL {
-            for reason in REASONS {
-                let v = self.losses[kind.index()][reason_index(reason)].load(Relaxed);
-                let (kind, reason) = (kind.as_str(), reason_str(reason));
+            for reason in LostReason::ALL {
+                let v = self.losses[kind.index()][reason.index()].load(Relaxed);
+                let (kind, reason) = (kind.as_str(), reason.as_str());
                 let _ = writeln!(out, "{name}{{kind=\"{kind}\",reason=\"{reason}\"}} {v}");
             }
         }
@@ -427,7 +405,7 @@ mod tests {
         m.record(&event(
             1,
             EventKind::Released {
-                held: Duration::from_secs(2),
+                held_for: Duration::from_secs(2),
             },
         ));
         m.record(&event(2, granted(1500)));
@@ -453,7 +431,7 @@ mod tests {
             2,
             EventKind::Lost {
                 reason: LostReason::Revoked,
-                held: Duration::from_secs(3),
+                held_for: Duration::from_secs(3),
             },
         ));
         assert_eq!(m.holders[0].load(Relaxed), 0);

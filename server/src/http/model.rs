@@ -274,14 +274,14 @@ impl From<&locks::Event> for Event {
                 out.owner = Some(owner.clone());
                 out.waited_ms = Some(waited.as_millis() as u64);
             }
-            K::Released { held } => {
+            K::Released { held_for } => {
                 out.event_type = EventType::Released;
-                out.held_ms = Some(held.as_millis() as u64);
+                out.held_ms = Some(held_for.as_millis() as u64);
             }
-            K::Lost { reason, held } => {
+            K::Lost { reason, held_for } => {
                 out.event_type = EventType::Lost;
                 out.reason = Some((*reason).into());
-                out.held_ms = Some(held.as_millis() as u64);
+                out.held_ms = Some(held_for.as_millis() as u64);
             }
             K::Abandoned { waited } => {
                 out.event_type = EventType::Abandoned;

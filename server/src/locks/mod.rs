@@ -349,7 +349,7 @@ impl LockTable {
             None => None,
         };
         let limits = &self.shared.limits;
-        let try_once = req.try_only();
+        let try_once = req.try_once();
         let deadline = req.deadline();
         let (tx, rx) = mailbox::mailbox();
         let key: Key = (Arc::from(req.name.as_str()), req.kind);
@@ -823,7 +823,7 @@ impl LockTable {
                 let held_for = elapsed(holder.entry.since);
                 // Dropping `held` (after the mutex) releases the flock.
                 after.release.push(holder.held);
-                self.emit(key, id, EventKind::Released { held: held_for });
+                self.emit(key, id, EventKind::Released { held_for });
                 was_holder = true;
                 pump = Some(true); // a handoff
             } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
@@ -887,7 +887,7 @@ impl LockTable {
                 id,
                 EventKind::Lost {
                     reason,
-                    held: elapsed(entry.since),
+                    held_for: elapsed(entry.since),
                 },
             );
             // Release first, then tell: once told, the holder may act on it.
@@ -917,7 +917,7 @@ impl LockTable {
                 for Holder { entry, held, .. } in lock.holders {
                     let what = EventKind::Lost {
                         reason: LostReason::Shutdown,
-                        held: elapsed(entry.since),
+                        held_for: elapsed(entry.since),
                     };
                     self.emit(&key, entry.id, what);
                     after.release.push(held);

@@ -95,7 +95,7 @@ async fn readers_share_and_a_waiting_writer_holds_back_later_readers() {
 }
 
 #[tokio::test]
-async fn try_only_fails_without_queueing() {
+async fn try_once_fails_without_queueing() {
     let dir = tempfile::tempdir().unwrap();
     let t = table(dir.path(), Limits::default());
     let _a = t.acquire(req("x", Mode::Exclusive)).unwrap();

@@ -24,6 +24,27 @@ pub enum LostReason {
     Backend,
 }
 
+impl LostReason {
+    pub const ALL: [LostReason; 3] = [
+        LostReason::Shutdown,
+        LostReason::Revoked,
+        LostReason::Backend,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::Shutdown => "shutdown",
+            LostReason::Revoked => "revoked",
+            LostReason::Backend => "backend",
+        }
+    }
+
+    /// Its place in [`LostReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Errors of the lock table, mapped to gRPC and HTTP statuses once, in the
 /// transports.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -154,7 +175,7 @@ pub struct AcquireRequest {
 
 impl AcquireRequest {
     /// Try once: do not queue behind anyone.
-    pub fn try_only(&self) -> bool {
+    pub fn try_once(&self) -> bool {
         self.wait == Some(Duration::ZERO)
     }
 
@@ -302,9 +323,12 @@ pub enum EventKind {
         waited: Duration,
     },
     /// A holder released (or its client went away) after holding `held`.
-    Released { held: Duration },
+    Released { held_for: Duration },
     /// A holder's lock ended without its asking.
-    Lost { reason: LostReason, held: Duration },
+    Lost {
+        reason: LostReason,
+        held_for: Duration,
+    },
     /// A waiter left the queue without a grant (cancelled, timed out,
     /// disconnected, refused) after waiting `waited`.
     Abandoned { waited: Duration },
