@@ -1,6 +1,7 @@
-//! The kinds of lock, named once for the server, the SDK and the CLI:
-//! their names on the command line, in URLs and JSON (`file`,
-//! `semaphore`, `redis`), and their numbers on the wire.
+//! The kinds and modes of lock, named once for the server, the SDK and the
+//! CLI: their names on the command line, in URLs and JSON (`file`,
+//! `semaphore`, `redis`; `exclusive`, `shared`), and their numbers on the
+//! wire.
 
 use crate::v1;
 use std::fmt;
@@ -97,6 +98,52 @@ impl fmt::Display for UnknownKind {
 
 impl std::error::Error for UnknownKind {}
 
+/// How a lock is held: alone, or with other shared holders (readers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Mode {
+    Exclusive,
+    Shared,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Exclusive => "exclusive",
+            Mode::Shared => "shared",
+        }
+    }
+
+    /// The mode a wire value names; `MODE_UNSPECIFIED` (0) is exclusive.
+    pub fn from_wire(value: i32) -> Option<Mode> {
+        match v1::Mode::try_from(value) {
+            Ok(v1::Mode::Unspecified | v1::Mode::Exclusive) => Some(Mode::Exclusive),
+            Ok(v1::Mode::Shared) => Some(Mode::Shared),
+            Err(_) => None,
+        }
+    }
+}
+
+impl From<Mode> for v1::Mode {
+    fn from(mode: Mode) -> v1::Mode {
+        match mode {
+            Mode::Exclusive => v1::Mode::Exclusive,
+            Mode::Shared => v1::Mode::Shared,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +163,10 @@ mod tests {
         );
         assert!("File".parse::<Kind>().is_err());
         assert!(Kind::ALL.windows(2).all(|w| w[0] < w[1]), "in order");
+        for mode in [Mode::Exclusive, Mode::Shared] {
+            assert_eq!(Mode::from_wire(v1::Mode::from(mode) as i32), Some(mode));
+        }
+        assert_eq!(Mode::from_wire(0), Some(Mode::Exclusive));
+        assert_eq!(Mode::from_wire(7), None);
     }
 }

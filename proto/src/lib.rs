@@ -6,7 +6,7 @@ pub mod codec;
 pub mod duration;
 mod kind;
 
-pub use kind::{Kind, UnknownKind};
+pub use kind::{Kind, Mode, UnknownKind};
 
 /// `padlock.v1`: the Hold stream and the inspection calls.
 #[allow(clippy::all, missing_docs)]

@@ -55,6 +55,9 @@ pub use padlock_proto::v1 as proto;
 /// `1.5s`, `1m`, `1h` or bare seconds.
 pub use padlock_proto::duration;
 
+mod info;
+pub use info::{Holder, LockInfo, Waiter};
+
 /// The default server address.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7420";
 
@@ -230,7 +233,7 @@ impl fmt::Display for Lost {
 
 /// What kind of lock to take (`file`, `semaphore`, `redis`; the same
 /// type the server uses).
-pub use padlock_proto::Kind;
+pub use padlock_proto::{Kind, Mode};
 
 /// A connection to padlockd. Cheap to clone; clones share one HTTP/2
 /// connection, and every lock is one stream on it.
@@ -402,7 +405,7 @@ impl Client {
 
     /// Every lock the server knows (with holders or waiters), optionally
     /// only those whose name starts with `prefix`.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<pb::LockInfo>, Error> {
+    pub async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, Error> {
         let mut locks = Vec::new();
         let mut cursor = String::new();
         loop {
@@ -413,7 +416,7 @@ impl Client {
                 cursor,
             };
             let page = self.grpc().list_locks(request).await?.into_inner();
-            locks.extend(page.locks);
+            locks.extend(page.locks.into_iter().map(LockInfo::from));
             if page.next_cursor.is_empty() {
                 return Ok(locks);
             }
@@ -422,14 +425,14 @@ impl Client {
     }
 
     /// One lock, or `None` when nobody holds or waits for it.
-    pub async fn show(&self, name: &str, kind: Kind) -> Result<Option<pb::LockInfo>, Error> {
+    pub async fn show(&self, name: &str, kind: Kind) -> Result<Option<LockInfo>, Error> {
         let request = pb::GetLockRequest {
             name: name.to_string(),
             kind: pb::Kind::from(kind) as i32,
             ..pb::GetLockRequest::default()
         };
         match self.grpc().get_lock(request).await {
-            Ok(info) => Ok(Some(info.into_inner())),
+            Ok(info) => Ok(Some(info.into_inner().into())),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
             Err(status) => Err(status.into()),
         }

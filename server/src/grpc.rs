@@ -89,20 +89,11 @@ fn kind_from_wire(value: i32) -> Result<Kind, LockError> {
 }
 
 fn mode_from_wire(value: i32) -> Result<Mode, LockError> {
-    match pb::Mode::try_from(value) {
-        Ok(pb::Mode::Unspecified | pb::Mode::Exclusive) => Ok(Mode::Exclusive),
-        Ok(pb::Mode::Shared) => Ok(Mode::Shared),
-        Err(_) => Err(LockError::InvalidArgument(format!(
+    Mode::from_wire(value).ok_or_else(|| {
+        LockError::InvalidArgument(format!(
             "unknown mode {value}; expected MODE_EXCLUSIVE (1) or MODE_SHARED (2)"
-        ))),
-    }
-}
-
-fn mode_to_wire(mode: Mode) -> pb::Mode {
-    match mode {
-        Mode::Exclusive => pb::Mode::Exclusive,
-        Mode::Shared => pb::Mode::Shared,
-    }
+        ))
+    })
 }
 
 fn decode_acquire(a: pb::Acquire, peer: String) -> Result<AcquireRequest, LockError> {
@@ -130,7 +121,7 @@ fn granted(g: &Grant) -> Out {
         fence: g.fence,
         slot: g.slot,
         holder_id: g.holder_id.to_string(),
-        mode: mode_to_wire(g.mode) as i32,
+        mode: pb::Mode::from(g.mode) as i32,
     })
 }
 
@@ -328,7 +319,7 @@ fn holder_to_wire(h: HolderView) -> pb::HolderInfo {
         since_unix_ms: unix_ms(h.since),
         fence: h.fence,
         slot: h.slot,
-        mode: mode_to_wire(h.mode) as i32,
+        mode: pb::Mode::from(h.mode) as i32,
         labels: h.labels.into_iter().collect(),
     }
 }
@@ -341,7 +332,7 @@ fn waiter_to_wire(w: WaiterView) -> pb::WaiterInfo {
         position: w.position,
         since_unix_ms: unix_ms(w.since),
         deadline_unix_ms: w.deadline.map_or(0, unix_ms),
-        mode: mode_to_wire(w.mode) as i32,
+        mode: pb::Mode::from(w.mode) as i32,
         labels: w.labels.into_iter().collect(),
     }
 }
@@ -350,7 +341,7 @@ fn lock_to_wire(v: LockView) -> pb::LockInfo {
     pb::LockInfo {
         name: v.name,
         kind: pb::Kind::from(v.kind) as i32,
-        mode: v.mode.map_or(pb::Mode::Unspecified, mode_to_wire) as i32,
+        mode: v.mode.map_or(pb::Mode::Unspecified, pb::Mode::from) as i32,
         limit: v.limit,
         holders: v.holders.into_iter().map(holder_to_wire).collect(),
         waiters: v.waiters.into_iter().map(waiter_to_wire).collect(),

@@ -258,9 +258,8 @@ async fn client_tokens_authenticate_and_limit_names() {
         .unwrap();
     let _hr = admin.lock("hr/x").acquire().await.unwrap();
     // A scoped token sees only its own locks; an unscoped one sees all.
-    let names = |locks: Vec<padlock::proto::LockInfo>| {
-        locks.into_iter().map(|l| l.name).collect::<Vec<_>>()
-    };
+    let names =
+        |locks: Vec<padlock::LockInfo>| locks.into_iter().map(|l| l.name).collect::<Vec<_>>();
     assert_eq!(names(billing.list("").await.unwrap()), vec!["billing/x"]);
     assert_eq!(
         names(admin.list("").await.unwrap()),

@@ -71,7 +71,7 @@ pub async fn hold(
     let request = AcquireRequest {
         name: name.to_string(),
         kind,
-        mode: params.mode.map_or(Mode::Exclusive, Mode::from),
+        mode: params.mode.unwrap_or(Mode::Exclusive),
         limit: params.limit.unwrap_or(0),
         owner: params.owner.unwrap_or_else(|| default_owner(&headers)),
         peer: peer(conn),
@@ -130,7 +130,7 @@ impl Holding {
                     id: g.holder_id.to_string(),
                     fence: g.fence,
                     slot: g.slot,
-                    mode: g.mode.into(),
+                    mode: g.mode,
                 }));
             }
             Some(Step::Lost { reason, detail }) => Some(HoldLine::Lost {

@@ -15,30 +15,9 @@ use utoipa::{IntoParams, ToSchema};
 /// `semaphore` or `redis`.
 pub use locks::Kind;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Exclusive,
-    Shared,
-}
-
-impl From<Mode> for locks::Mode {
-    fn from(mode: Mode) -> locks::Mode {
-        match mode {
-            Mode::Exclusive => locks::Mode::Exclusive,
-            Mode::Shared => locks::Mode::Shared,
-        }
-    }
-}
-
-impl From<locks::Mode> for Mode {
-    fn from(mode: locks::Mode) -> Mode {
-        match mode {
-            locks::Mode::Exclusive => Mode::Exclusive,
-            locks::Mode::Shared => Mode::Shared,
-        }
-    }
-}
+/// How a lock is held: the one [`locks::Mode`], in JSON as `exclusive` or
+/// `shared`.
+pub use locks::Mode;
 
 /// Why a holder lost its lock without asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -257,7 +236,7 @@ impl From<&locks::Event> for Event {
                 owner,
             } => {
                 out.position = Some(*position);
-                out.mode = Some((*mode).into());
+                out.mode = Some(*mode);
                 out.owner = Some(owner.clone());
             }
             K::Granted {
@@ -270,7 +249,7 @@ impl From<&locks::Event> for Event {
                 out.event_type = EventType::Granted;
                 out.fence = Some(*fence);
                 out.slot = *slot;
-                out.mode = Some((*mode).into());
+                out.mode = Some(*mode);
                 out.owner = Some(owner.clone());
                 out.waited_ms = Some(waited.as_millis() as u64);
             }
@@ -302,7 +281,7 @@ impl From<HolderView> for Holder {
             since_unix_ms: unix_ms(h.since),
             fence: h.fence,
             slot: h.slot,
-            mode: h.mode.into(),
+            mode: h.mode,
             labels: h.labels,
         }
     }
@@ -319,7 +298,7 @@ impl From<WaiterView> for Waiter {
             since_unix_ms: unix_ms(w.since),
             deadline: w.deadline.map(rfc3339),
             deadline_unix_ms: w.deadline.map(unix_ms),
-            mode: w.mode.into(),
+            mode: w.mode,
             labels: w.labels,
         }
     }
@@ -330,7 +309,7 @@ impl From<LockView> for Lock {
         Lock {
             name: v.name,
             kind: v.kind,
-            mode: v.mode.map(Mode::from),
+            mode: v.mode,
             limit: v.limit,
             holders: v.holders.into_iter().map(Holder::from).collect(),
             waiters: v.waiters.into_iter().map(Waiter::from).collect(),

@@ -10,11 +10,8 @@ use std::time::{Duration, SystemTime};
 /// What is locked (one definition for the server, the SDK and the CLI).
 pub use padlock_proto::Kind;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Exclusive,
-    Shared,
-}
+/// How a lock is held (one definition for the server, the SDK and the CLI).
+pub use padlock_proto::Mode;
 
 /// Why a holder lost its lock without asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 mod bench;
 
 use clap::{Args, Parser, Subcommand};
-use padlock::{Client, ClientBuilder, Error, Kind, LockBuilder, LockGuard, proto};
+use padlock::{Client, ClientBuilder, Error, Kind, LockBuilder, LockGuard, LockInfo};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
@@ -353,7 +353,7 @@ async fn acquire(client: &Client, lock: &LockArgs) -> Result<LockGuard, ExitCode
 /// for 1m05s; waited 12.0s".
 async fn waiting_line(client: &Client, lock: &LockArgs, id: &str, waited: Duration) -> String {
     let kind = lock.kind();
-    let waited = span(waited.as_millis() as u64);
+    let waited = span(waited);
     let head = format!("waiting for {} lock '{}'", kind.as_str(), lock.name);
     let Ok(Some(info)) = client.show(&lock.name, kind).await else {
         return format!("{head}; waited {waited}");
@@ -368,9 +368,9 @@ async fn waiting_line(client: &Client, lock: &LockArgs, id: &str, waited: Durati
             "held by {} and {} more for {}",
             h.owner,
             info.holders_total - 1,
-            age(h.since_unix_ms, now)
+            age(h.since, now)
         ),
-        Some(h) => format!("held by {} for {}", h.owner, age(h.since_unix_ms, now)),
+        Some(h) => format!("held by {} for {}", h.owner, age(h.since, now)),
         None => "held by a process outside padlockd".to_string(),
     };
     format!("{head}: {place}, {held}; waited {waited}")
@@ -485,39 +485,22 @@ async fn release(guard: LockGuard) -> Result<ExitCode, String> {
     }
 }
 
-fn kind_name(kind: i32) -> &'static str {
-    Kind::from_wire(kind).map_or("?", Kind::as_str)
-}
-
-fn mode_name(mode: i32) -> &'static str {
-    match proto::Mode::try_from(mode) {
-        Ok(proto::Mode::Shared) => "shared",
-        Ok(proto::Mode::Exclusive) => "exclusive",
-        _ => "-",
-    }
-}
-
-/// "3.2s", "4m05s", "2h03m": how long ago `since_ms` was.
-fn age(since_ms: u64, now: SystemTime) -> String {
-    let now_ms = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    span(now_ms.saturating_sub(since_ms))
+/// "3.2s", "4m05s", "2h03m": how long ago `since` was.
+fn age(since: SystemTime, now: SystemTime) -> String {
+    span(now.duration_since(since).unwrap_or_default())
 }
 
 /// How long until a waiter gives up ("-": it waits as long as it takes).
-fn gives_up(deadline_ms: u64, now: SystemTime) -> String {
-    if deadline_ms == 0 {
-        return "-".into();
+fn gives_up(deadline: Option<SystemTime>, now: SystemTime) -> String {
+    match deadline {
+        Some(deadline) => span(deadline.duration_since(now).unwrap_or_default()),
+        None => "-".into(),
     }
-    let now_ms = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    span(deadline_ms.saturating_sub(now_ms))
 }
 
 /// "0.4s", "3.2s", "4m05s", "2h03m".
-fn span(ms: u64) -> String {
+fn span(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
     let secs = ms / 1000;
     match secs {
         0..60 => format!("{}.{}s", secs, (ms % 1000) / 100),
@@ -552,7 +535,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn render_list(locks: &[proto::LockInfo], now: SystemTime) -> String {
+fn render_list(locks: &[LockInfo], now: SystemTime) -> String {
     if locks.is_empty() {
         return "no locks are held or waited for\n".into();
     }
@@ -564,11 +547,11 @@ fn render_list(locks: &[proto::LockInfo], now: SystemTime) -> String {
             } else {
                 l.holders_total.to_string()
             };
-            let oldest = l.holders.iter().map(|h| h.since_unix_ms).min();
+            let oldest = l.holders.iter().map(|h| h.since).min();
             vec![
                 l.name.clone(),
-                kind_name(l.kind).into(),
-                mode_name(l.mode).into(),
+                l.kind.as_str().into(),
+                l.mode.map_or("-".into(), |m| m.to_string()),
                 holders,
                 l.waiters_total.to_string(),
                 l.holders
@@ -589,8 +572,8 @@ fn render_list(locks: &[proto::LockInfo], now: SystemTime) -> String {
     )
 }
 
-fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
-    let mut out = format!("{} ({}", l.name, kind_name(l.kind));
+fn render_show(l: &LockInfo, now: SystemTime) -> String {
+    let mut out = format!("{} ({}", l.name, l.kind.as_str());
     if l.limit > 0 {
         out.push_str(&format!(", limit {}", l.limit));
     }
@@ -601,10 +584,10 @@ fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
         .map(|h| {
             vec![
                 h.id.clone(),
-                mode_name(h.mode).into(),
+                h.mode.to_string(),
                 h.fence.to_string(),
                 h.slot.map_or("-".into(), |s| s.to_string()),
-                age(h.since_unix_ms, now),
+                age(h.since, now),
                 h.peer.clone(),
                 h.owner.clone(),
             ]
@@ -626,9 +609,9 @@ fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
             vec![
                 w.position.to_string(),
                 w.id.clone(),
-                mode_name(w.mode).into(),
-                age(w.since_unix_ms, now),
-                gives_up(w.deadline_unix_ms, now),
+                w.mode.to_string(),
+                age(w.since, now),
+                gives_up(w.deadline, now),
                 w.peer.clone(),
                 w.owner.clone(),
             ]
@@ -660,26 +643,43 @@ fn render_show(l: &proto::LockInfo, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use padlock::{Holder, Mode, Waiter};
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn holder(id: &str, owner: &str, fence: u64, since: SystemTime) -> Holder {
+        Holder {
+            id: id.into(),
+            owner: owner.into(),
+            peer: "127.0.0.1:5000".into(),
+            since,
+            fence,
+            slot: None,
+            mode: Mode::Exclusive,
+            labels: Default::default(),
+        }
+    }
+
+    fn lock(name: &str, kind: Kind, limit: u32, holders: Vec<Holder>) -> LockInfo {
+        LockInfo {
+            name: name.into(),
+            kind,
+            mode: Some(Mode::Exclusive),
+            limit,
+            holders_total: holders.len() as u32,
+            holders,
+            waiters: vec![],
+            waiters_total: 0,
+        }
+    }
 
     #[test]
     fn list_is_a_readable_table() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let lock = proto::LockInfo {
-            name: "jobs/nightly".into(),
-            kind: proto::Kind::Semaphore as i32,
-            mode: proto::Mode::Exclusive as i32,
-            limit: 3,
-            holders: vec![proto::HolderInfo {
-                id: "7".into(),
-                owner: "cron".into(),
-                fence: 42,
-                since_unix_ms: 1000 * 1000 - 75_000,
-                ..Default::default()
-            }],
-            waiters: vec![],
-            holders_total: 1,
-            waiters_total: 0,
-        };
+        let now = at(1000 * 1000);
+        let holder = holder("7", "cron", 42, at(1000 * 1000 - 75_000));
+        let lock = lock("jobs/nightly", Kind::Semaphore, 3, vec![holder]);
         let text = render_list(&[lock], now);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -695,24 +695,9 @@ mod tests {
 
     #[test]
     fn show_says_when_nobody_waits() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let holder = proto::HolderInfo {
-            id: "7".into(),
-            owner: "cron".into(),
-            fence: 42,
-            since_unix_ms: 1000 * 1000 - 2_000,
-            peer: "127.0.0.1:5000".into(),
-            mode: proto::Mode::Exclusive as i32,
-            ..Default::default()
-        };
-        let mut lock = proto::LockInfo {
-            name: "jobs/nightly".into(),
-            kind: proto::Kind::File as i32,
-            mode: proto::Mode::Exclusive as i32,
-            holders: vec![holder],
-            holders_total: 1,
-            ..Default::default()
-        };
+        let now = at(1000 * 1000);
+        let holder = holder("7", "cron", 42, at(1000 * 1000 - 2_000));
+        let mut lock = lock("jobs/nightly", Kind::File, 0, vec![holder]);
         assert_eq!(
             render_show(&lock, now),
             "jobs/nightly (file)\n\n\
@@ -722,15 +707,15 @@ mod tests {
              \n\
              waiters: none\n"
         );
-        lock.waiters = vec![proto::WaiterInfo {
-            position: 1,
+        lock.waiters = vec![Waiter {
             id: "8".into(),
             owner: "bob".into(),
-            since_unix_ms: 1000 * 1000 - 1_500,
-            deadline_unix_ms: 1000 * 1000 + 28_500,
             peer: "127.0.0.1:5001".into(),
-            mode: proto::Mode::Exclusive as i32,
-            ..Default::default()
+            position: 1,
+            since: at(1000 * 1000 - 1_500),
+            deadline: Some(at(1000 * 1000 + 28_500)),
+            mode: Mode::Exclusive,
+            labels: Default::default(),
         }];
         lock.waiters_total = 1;
         let text = render_show(&lock, now);
@@ -747,8 +732,9 @@ mod tests {
 
     #[test]
     fn ages() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
-        assert_eq!(age(10_000_000 - 3_250, now), "3.2s");
-        assert_eq!(age(10_000_000 - 7_500_000, now), "2h05m");
+        let now = at(10_000_000);
+        assert_eq!(age(at(10_000_000 - 3_250), now), "3.2s");
+        assert_eq!(age(at(10_000_000 - 7_500_000), now), "2h05m");
+        assert_eq!(gives_up(None, now), "-");
     }
 }
