@@ -1,0 +1,173 @@
+//! A participant: one subscription on a lock channel, answering pings
+//! with its record; once granted, the held lock.
+
+use super::Inner;
+use super::wire::{PROTOCOL_VERSION, WireMode, release_channel};
+use crate::fds::FdToken;
+use crate::kinds::{Confirmation, OnLost};
+use futures_util::StreamExt;
+use redis::aio::{PubSubSink, PubSubStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::timeout;
+
+/// A live subscription on a lock channel: the reader task answers pings
+/// with the participant's current record.
+pub(super) struct Participant {
+    pub(super) holder_id: String,
+    /// (mode, elected) as advertised in ping replies.
+    pub(super) wire: Mutex<(WireMode, bool)>,
+    /// Set when the subscription ended.
+    pub(super) dead: AtomicBool,
+    /// Installed at grant: tells the table the lock was lost.
+    pub(super) on_lost: Mutex<Option<OnLost>>,
+    /// The reader task; aborting it closes the connection.
+    pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Sends on the subscription connection itself (confirmation pings).
+    pub(super) sink: PubSubSink,
+}
+
+impl Participant {
+    pub(super) fn set(&self, mode: WireMode, elected: bool) {
+        *self.wire.lock().unwrap_or_else(|e| e.into_inner()) = (mode, elected);
+    }
+
+    pub(super) fn record(&self) -> String {
+        let (mode, elected) = *self.wire.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "holder_id": self.holder_id,
+            "mode": mode.as_str(),
+            "protocol": PROTOCOL_VERSION,
+            "elected": elected,
+        })
+        .to_string()
+    }
+
+    /// The lock ended on Redis's side: tell the table (once) and close.
+    pub(super) fn lose(&self, detail: &str) {
+        self.dead.store(true, Ordering::Release);
+        let on_lost = self
+            .on_lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(on_lost) = on_lost {
+            on_lost(detail.to_string());
+        }
+        self.close();
+    }
+
+    pub(super) fn close(&self) {
+        self.dead.store(true, Ordering::Release);
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+
+    /// Proves the subscription is still alive: a PING on its own
+    /// connection, answered by Redis within `limit`. A connection Redis
+    /// closed (reaped by another instance while this one was paused) fails.
+    pub(super) fn confirm(self: &Arc<Self>, limit: Duration) -> Confirmation {
+        let participant = self.clone();
+        Box::pin(async move {
+            let closed = || "the redis connection holding the lock was closed".to_string();
+            if participant.dead.load(Ordering::Acquire) {
+                return Err(closed());
+            }
+            let mut sink = participant.sink.clone();
+            match timeout(limit, sink.ping::<redis::Value>()).await {
+                Ok(Ok(_)) if !participant.dead.load(Ordering::Acquire) => Ok(()),
+                Ok(Ok(_)) | Ok(Err(_)) => Err(closed()),
+                Err(_) => Err(format!(
+                    "Redis did not confirm within {limit:?} that the lock was still held"
+                )),
+            }
+        })
+    }
+}
+
+/// The one owner of a participant's subscription: dropping it closes the
+/// subscription and its connection, on every path (released, failed,
+/// cancelled, demoted), so no subscription outlives its waiter.
+pub(super) struct Membership(pub(super) Arc<Participant>);
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl std::ops::Deref for Membership {
+    type Target = Arc<Participant>;
+
+    fn deref(&self) -> &Arc<Participant> {
+        &self.0
+    }
+}
+
+/// Answers every ping on the lock channel until the connection ends (or
+/// the task is aborted, which closes the connection).
+pub(super) async fn answer_pings(
+    inner: Arc<Inner>,
+    participant: Arc<Participant>,
+    mut messages: PubSubStream,
+    _counted: Option<FdToken>,
+) {
+    while let Some(msg) = messages.next().await {
+        let response_channel = serde_json::from_slice::<serde_json::Value>(msg.get_payload_bytes())
+            .ok()
+            .and_then(|v| v.get("response_channel")?.as_str().map(str::to_string))
+            .filter(|c| !c.is_empty());
+        if let Some(channel) = response_channel {
+            let reply = participant.record();
+            let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(reply)
+                .query_async(&mut inner.commands())
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cannot answer a redis lock ping");
+            }
+        }
+    }
+    participant.lose("the redis subscription connection closed");
+}
+
+/// The lock as held: dropping it closes the subscription and announces the
+/// release to waiting padlockd instances.
+pub(super) struct HeldSubscription {
+    pub(super) inner: Arc<Inner>,
+    pub(super) key: u64,
+    pub(super) membership: Membership,
+    pub(super) name: String,
+}
+
+impl Drop for HeldSubscription {
+    fn drop(&mut self) {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+        // A release, not a loss: nobody is told.
+        self.membership
+            .on_lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let was_alive = !self.membership.dead.load(Ordering::Acquire);
+        self.membership.close();
+        if was_alive {
+            let mut commands = self.inner.commands();
+            let channel = release_channel(&self.name);
+            tokio::spawn(async move {
+                let _: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg("released")
+                    .query_async(&mut commands)
+                    .await;
+            });
+        }
+    }
+}
