@@ -141,6 +141,13 @@ impl Server {
         cmd
     }
 
+    /// SIGSTOP, returning once every thread of padlockd has stopped: a
+    /// multi-threaded process stops thread by thread, and until its last
+    /// thread does, padlockd still serves (under load, for milliseconds).
+    pub fn pause(&self) {
+        stop_process(self.pid());
+    }
+
     /// Sends a signal to padlockd.
     pub fn signal(&self, sig: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_raw(self.pid()).expect("pid");
@@ -447,12 +454,12 @@ impl RedisServer {
     pub fn pause(&self, pause: bool) {
         let child = self.child.as_ref().expect("redis-server runs");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
-        let sig = if pause {
-            rustix::process::Signal::STOP
+        if pause {
+            stop_process(pid.as_raw_nonzero().get());
         } else {
-            rustix::process::Signal::CONT
-        };
-        rustix::process::kill_process(pid, sig).expect("signal redis-server");
+            let sig = rustix::process::Signal::CONT;
+            rustix::process::kill_process(pid, sig).expect("signal redis-server");
+        }
     }
 }
 
@@ -506,4 +513,31 @@ pub fn opted_out(var: &str) -> bool {
         let _ = writeln!(log, "{line}");
     }
     true
+}
+
+/// Sends SIGSTOP to `pid` and waits until each of its threads is stopped
+/// (state `T` in `/proc/PID/task/*/stat`).
+pub fn stop_process(pid: i32) {
+    let raw = rustix::process::Pid::from_raw(pid).expect("pid");
+    rustix::process::kill_process(raw, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let stopped = || -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                // "TID (COMM) STATE ...": the state follows the last ')'.
+                let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+                state.is_some_and(|s| s.starts_with('T') || s.starts_with('t'))
+            })
+        })
+    };
+    let start = Instant::now();
+    while !stopped() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }

@@ -125,7 +125,7 @@ async fn a_release_after_being_reaped_is_a_loss() {
     };
     until_waiters(&b_client, "reaped", Kind::Redis, 1).await;
 
-    a.signal(rustix::process::Signal::STOP);
+    a.pause();
     // The holder releases while A cannot answer.
     let release = tokio::spawn(holder.release());
     let granted = tokio::time::timeout(GUARD, waiter)
@@ -173,7 +173,7 @@ async fn a_holder_reaped_while_paused_is_told_on_resume() {
         tokio::spawn(async move { client.lock("reaped2").redis().acquire().await })
     };
     until_waiters(&b_client, "reaped2", Kind::Redis, 1).await;
-    a.signal(rustix::process::Signal::STOP);
+    a.pause();
     let granted = tokio::time::timeout(GUARD, waiter)
         .await
         .unwrap()
