@@ -10,7 +10,6 @@
 //! RESOURCE_EXHAUSTED (HTTP 503 for plain HTTP) and a message naming the
 //! limit. Held locks on other connections are untouched.
 
-use axum::response::IntoResponse;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -275,23 +274,14 @@ pub fn overflow_routes(max: usize) -> tonic::service::Routes {
     let message =
         format!("padlockd already serves {max} connections (--max-connections); try again later");
     let refuse = move |request: axum::extract::Request| {
-        let message = message.clone();
-        async move {
-            let grpc = request
-                .headers()
-                .get(axum::http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            if grpc {
-                tonic::Status::resource_exhausted(message).into_http::<axum::body::Body>()
-            } else {
-                let body = serde_json::json!({"error": {"code": "too_many_connections", "message": message}});
-                (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    axum::Json(body),
-                )
-                    .into_response()
-            }
-        }
+        let refusal = crate::refusal::Refusal::new(
+            tonic::Code::ResourceExhausted,
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            message.clone(),
+        );
+        let grpc = crate::refusal::is_grpc(&request);
+        async move { refusal.answer(grpc) }
     };
     axum::Router::new().fallback(refuse).into()
 }

@@ -8,12 +8,15 @@ pub mod auth;
 pub mod config;
 mod connections;
 pub mod fds;
+pub mod fs;
 pub mod grpc;
 pub mod history;
 pub mod http;
 pub mod kinds;
 pub mod locks;
+pub mod metrics;
 mod origin;
+mod refusal;
 mod serve;
 mod server;
 

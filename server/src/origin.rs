@@ -17,9 +17,8 @@
 //! `--allowed-hosts` are accepted. Clients that are not browsers (the SDK,
 //! the CLI, curl) send the address they connect to, which passes.
 
+use crate::refusal::Refusal;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
-use axum::response::IntoResponse;
-use tonic::body::Body;
 
 /// The `Host` names served: checked while listening on loopback.
 #[derive(Debug, Clone, Default)]
@@ -45,24 +44,20 @@ impl Hosts {
     }
 }
 
-/// Why a request was refused.
-#[derive(Debug)]
-pub struct Refused(String);
-
-impl Refused {
-    pub fn into_response(self, grpc: bool) -> axum::response::Response<Body> {
-        if grpc {
-            return tonic::Status::permission_denied(self.0).into_http();
-        }
-        crate::http::error::ApiError::new(StatusCode::FORBIDDEN, "forbidden_origin", self.0)
-            .into_response()
-            .map(Body::new)
-    }
+/// A request from a foreign site or `Host`: 403 `forbidden_origin` (gRPC
+/// `PERMISSION_DENIED`).
+fn refused(message: String) -> Refusal {
+    Refusal::new(
+        tonic::Code::PermissionDenied,
+        StatusCode::FORBIDDEN,
+        "forbidden_origin",
+        message,
+    )
 }
 
 /// Checks `Host` (when `hosts` is given) and, for requests that change
 /// state, that they do not come from another site's page.
-pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refused> {
+pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refusal> {
     let host = request
         .uri()
         .authority()
@@ -71,7 +66,7 @@ pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refus
     if let (Some(hosts), Some(host)) = (hosts.filter(|h| h.check_host), host.as_deref())
         && !hosts.allows(host)
     {
-        return Err(Refused(format!(
+        return Err(refused(format!(
             "host '{}' is not served: padlockd listens on a loopback address and accepts only \
              loopback names (add others with --allowed-hosts)",
             crate::locks::name::printable(host)
@@ -85,7 +80,7 @@ pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refus
         return Ok(());
     }
     let refused = || {
-        Err(Refused(format!(
+        Err(refused(format!(
             "{} from another site's web page is refused: padlockd takes no lock and \
              revokes none for a cross-origin request",
             request.method()

@@ -50,9 +50,8 @@
 //! a page whose DNS name rebinds to 127.0.0.1 cannot reach it.
 
 use crate::connections::Conn;
-use crate::http::error::ApiError;
-use axum::http::{Request, Response, StatusCode, header};
-use axum::response::IntoResponse;
+use crate::refusal::{Refusal, is_grpc};
+use axum::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -417,7 +416,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let grpc = is_grpc(&request);
         if let Err(refused) = crate::origin::check(&request, self.hosts.as_deref()) {
             let bound = Bound::start(None, self.request_timeout, self.unread.clone());
-            let response = refused.into_response(grpc);
+            let response = refused.answer(grpc);
             return Box::pin(async move {
                 Ok(response.map(|body| Counted::new(body, open, Some(bound))))
             });
@@ -435,7 +434,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     None => {
                         // Even a refusal must be read in time.
                         let bound = Bound::start(None, self.request_timeout, self.unread.clone());
-                        let response = too_busy(grpc);
+                        let response = too_busy().answer(grpc);
                         return Box::pin(async move {
                             Ok(response.map(|body| Counted::new(body, open, Some(bound))))
                         });
@@ -453,7 +452,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 Ok(Err(never)) => match never {},
                 Err(_) => {
                     timeouts.fetch_add(1, Relaxed);
-                    timed_out(grpc, timeout)
+                    timed_out(timeout).answer(grpc)
                 }
             };
             // Every answer but a stream (and a health check, a few bytes)
@@ -499,37 +498,29 @@ fn answer_kind<B>(request: &Request<B>) -> AnswerKind {
 }
 
 /// The answer when no place is left for a bounded response.
-fn too_busy(grpc: bool) -> Response<Body> {
+fn too_busy() -> Refusal {
     let message = format!(
         "too many answers are being sent (at most {BOUNDED_PER_CONNECTION} per connection, \
          {BOUNDED_PER_PEER} per client address, {BOUNDED_IN_FLIGHT} in all); try again"
     );
-    if grpc {
-        tonic::Status::resource_exhausted(message).into_http()
-    } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
-            .into_response()
-            .map(Body::new)
-    }
-}
-
-fn is_grpc<B>(request: &Request<B>) -> bool {
-    request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    Refusal::new(
+        tonic::Code::ResourceExhausted,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        message,
+    )
 }
 
 /// The answer to a request that did not complete within the timeout.
-fn timed_out(grpc: bool, timeout: Duration) -> Response<Body> {
+fn timed_out(timeout: Duration) -> Refusal {
     let message = format!("the request was not complete within {timeout:?} (--request-timeout)");
-    if grpc {
-        crate::grpc::request_timeout(message).into_http()
-    } else {
-        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
-            .into_response()
-            .map(Body::new)
-    }
+    Refusal::new(
+        tonic::Code::DeadlineExceeded,
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        message.clone(),
+    )
+    .with_status(crate::grpc::request_timeout(message))
 }
 
 /// Counts one open request on its connection until dropped.

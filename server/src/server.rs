@@ -3,9 +3,10 @@
 use crate::auth::{ClientTokens, GrpcAuth};
 use crate::config::Config;
 use crate::fds::Descriptors;
+use crate::fs::Root;
 use crate::grpc::PadlockService;
 use crate::kinds::redis::{RedisConfig, RedisKind};
-use crate::kinds::{Backends, file::FileKind, fs::Root, semaphore::SemaphoreKind};
+use crate::kinds::{Backends, file::FileKind, semaphore::SemaphoreKind};
 use crate::locks::{Kind, Limits, LockTable, fence::Fences};
 use crate::serve::Serving;
 use padlock_proto::v1::{FILE_DESCRIPTOR_SET, padlock_server::PadlockServer};
@@ -108,7 +109,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     warn_about_descriptors(&fds, &config);
     let table = LockTable::new(kinds, fences, limits);
-    let metrics = crate::http::Metrics::install(&table, fds.clone());
+    let metrics = crate::metrics::Metrics::install(&table, fds.clone());
     let admin = match &config.admin_token_file {
         Some(path) => crate::http::Admin::from_file(path)?,
         None => crate::http::Admin::disabled(),

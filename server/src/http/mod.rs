@@ -33,13 +33,12 @@ pub mod error;
 mod events;
 mod hold;
 mod locks;
-pub mod metrics;
 pub mod model;
 mod openapi;
 mod stats;
 
+pub use crate::metrics::Metrics;
 pub use auth::{Admin, TokenError};
-pub use metrics::Metrics;
 pub use openapi::ApiDoc;
 pub use stats::Facts;
 

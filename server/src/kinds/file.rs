@@ -7,9 +7,9 @@
 //! independent and closing one releases exactly that holder. Files are never
 //! deleted: deleting a lock file that someone else has open breaks flock.
 
-use super::fs::{OpenError, Root};
 use super::{Attempt, Backend, Held, Request};
 use crate::fds::{Descriptors, FdToken};
+use crate::fs::{OpenError, Root};
 use crate::locks::{LockError, Mode};
 use rustix::fs::{FlockOperation, OFlags, flock};
 use rustix::io::Errno;

@@ -7,7 +7,6 @@
 //! descriptors and names no kind.
 
 pub mod file;
-pub mod fs;
 pub mod redis;
 pub mod semaphore;
 

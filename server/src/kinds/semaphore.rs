@@ -7,9 +7,9 @@
 //! portalocker does.
 
 use super::file::try_flock;
-use super::fs::Root;
 use super::{Attempt, Backend, Held, Holders, Request};
 use crate::fds::Descriptors;
+use crate::fs::Root;
 use crate::locks::{Kind, LockError, Mode};
 use rustix::fs::FlockOperation;
 use std::sync::Arc;

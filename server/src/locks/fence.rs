@@ -32,7 +32,7 @@
 //! puts every new fence above every fence handed out before.
 
 use crate::fds::{Descriptors, FdToken};
-use crate::kinds::fs::{OpenError, Root};
+use crate::fs::{OpenError, Root};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, flock};
 use rustix::io::Errno;
 use std::io;

@@ -20,7 +20,7 @@
 //! the mutex, the attempt runs without it, and its outcome is committed
 //! under the mutex again. One attempt per lock runs at a time; locks of
 //! other names are never held up by it, nor are listing, health and
-//! shutdown. File attempts never block (see [`crate::kinds::fs`]); Redis
+//! shutdown. File attempts never block (see [`crate::fs`]); Redis
 //! attempts are network round trips and run as tasks.
 //!
 //! **Fair to other processes.** Two padlockd sharing a lock directory (or

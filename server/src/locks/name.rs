@@ -2,7 +2,7 @@
 //!
 //! A name is also a relative path under the lock directory (file and
 //! semaphore kinds), so the rules here are the first line of defence against
-//! escaping it; the second is `openat2(RESOLVE_BENEATH)` in `kinds::fs`.
+//! escaping it; the second is `openat2(RESOLVE_BENEATH)` in `crate::fs`.
 
 use super::LockError;
 

@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::fds::Descriptors;
-use crate::kinds::{file::FileKind, fs::Root, semaphore::SemaphoreKind};
+use crate::fs::Root;
+use crate::kinds::{file::FileKind, semaphore::SemaphoreKind};
 
 fn table(dir: &std::path::Path, limits: Limits) -> LockTable {
     table_with(dir, limits, Descriptors::unlimited())
