@@ -147,6 +147,39 @@ fn first_answer_failed(status: &tonic::Status) -> bool {
     )
 }
 
+/// After a first call that got no gRPC answer: does the server at `url`
+/// (plain `http://` only) answer an HTTP/2 preface with something that is
+/// not HTTP/2 (an HTTP/1 server's `400`, another protocol's greeting)?
+/// Which error the HTTP/2 client reports for such a server depends on
+/// timing, so one look settles it; a server that closes at once, or says
+/// nothing within a second, did not answer.
+async fn answers_in_another_protocol(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const SETTINGS: u8 = 0x4;
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    let (Some("http"), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let look = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        stream.write_all(PREFACE).await.ok()?;
+        let mut head = [0u8; 9];
+        let n = stream.read(&mut head).await.ok()?;
+        // An HTTP/2 server's first frame is its SETTINGS (type at byte 3).
+        Some(n > 0 && !(n >= 4 && head[3] == SETTINGS))
+    };
+    tokio::time::timeout(Duration::from_secs(1), look)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// `host:port` means `http://host:port`.
 fn with_scheme(url: &str) -> String {
     if url.contains("://") {
@@ -349,6 +382,7 @@ impl ClientBuilder {
                     if status.code() == tonic::Code::Unimplemented
                         || detail.contains("protocol error")
                         || detail.contains("http2 error")
+                        || answers_in_another_protocol(&url).await
                     {
                         Error::NotPadlockd { url, detail }
                     } else {
