@@ -41,11 +41,15 @@
 pub mod fence;
 mod mailbox;
 pub mod name;
+mod queue;
 mod session;
+mod ticket;
 mod types;
 mod view;
 
+use queue::After;
 pub use session::{Released, Session, Step};
+pub use ticket::Ticket;
 pub use types::*;
 pub use view::{Detail, HolderView, LockView, Page, WaiterView};
 
@@ -183,71 +187,6 @@ pub struct LockTable {
     shared: Arc<Shared>,
 }
 
-/// What the head of a queue is tried with, outside the mutex.
-struct Job {
-    id: u64,
-    mode: Mode,
-    limit: u32,
-    own_slots: Vec<u32>,
-    try_once: bool,
-    /// A holder of this process just left: look for other processes'
-    /// announced waiters before handing the lock on.
-    handoff: bool,
-    /// This process already announces the head as blocked.
-    announced: bool,
-}
-
-/// How an attempt ended.
-enum Outcome {
-    Taken(Held, u64),
-    /// Someone outside this server holds it; with this process's
-    /// announcement of its blocked waiter, when one could be made.
-    Busy(Option<fence::Announcement>),
-    /// Another process announced waiters: the lock is left free for it.
-    Yield,
-    Contend(Contention),
-    Failed(LockError),
-}
-
-/// What the pump does after committing an outcome.
-enum Next {
-    /// Try the (new) head of the queue.
-    Again,
-    /// An outside holder blocks the head: a retry task runs.
-    Blocked,
-    /// The lock is left to another process for a moment: a retry runs.
-    Yielded,
-    Done,
-}
-
-/// Things to drop or tell once the table's mutex is released: closing a
-/// descriptor or a connection is not done under it.
-#[derive(Default)]
-struct After {
-    release: Vec<Held>,
-    close: Vec<fence::Announcement>,
-    tell: Vec<(mailbox::Sender, Notice)>,
-}
-
-impl After {
-    /// Lets go of whatever an attempt that no longer counts took.
-    fn drop_outcome(&mut self, outcome: Outcome) {
-        match outcome {
-            Outcome::Taken(held, _) => self.release.push(held),
-            Outcome::Busy(Some(note)) => self.close.push(note),
-            _ => {}
-        }
-    }
-
-    fn finish(self) {
-        drop(self.release);
-        drop(self.close);
-        for (tx, notice) in self.tell {
-            let _ = tx.send(notice);
-        }
-    }
-}
-
 impl LockTable {
     pub fn new(kinds: Backends, fences: fence::Fences, limits: Limits) -> LockTable {
         LockTable {
@@ -344,82 +283,91 @@ impl LockTable {
     /// `Granted` when the lock was free, or `Queued` otherwise.
     pub fn acquire(&self, req: AcquireRequest) -> Result<Ticket, LockError> {
         self.check(&req)?;
-        let quota = match &req.quota {
-            Some(quota) => Some(quota.take()?),
-            None => None,
-        };
-        let limits = &self.shared.limits;
+        let quota = req.quota.as_ref().map(|quota| quota.take()).transpose()?;
+        let key: Key = (Arc::from(req.name.as_str()), req.kind);
         let try_once = req.try_once();
         let deadline = req.deadline();
-        let (tx, rx) = mailbox::mailbox();
-        let key: Key = (Arc::from(req.name.as_str()), req.kind);
-        let since = SystemTime::now();
-        let gives_up = req
-            .wait
-            .filter(|w| !w.is_zero())
-            .and_then(|w| since.checked_add(w));
-        let id = {
-            let mut st = self.state();
-            if st.draining {
-                return Err(LockError::Draining);
-            }
-            if st.holds >= limits.max_holds {
-                return Err(LockError::TooManyHolds {
-                    cap: limits.max_holds,
-                });
-            }
-            let tracked = st.locks.len();
-            let lock = match st.locks.get_mut(&key) {
-                Some(lock) => lock,
-                None if tracked >= limits.max_locks => {
-                    return Err(LockError::TooManyLocks {
-                        cap: limits.max_locks,
-                    });
-                }
-                None => st.locks.entry(key.clone()).or_insert(Lock::new(req.limit)),
-            };
-            if lock.limit != req.limit {
-                return Err(LockError::LimitMismatch {
-                    name: name::printable(&req.name),
-                    current: lock.limit,
-                    requested: req.limit,
-                });
-            }
-            if lock.waiters.len() >= limits.max_waiters_per_lock {
-                return Err(LockError::TooManyWaiters {
-                    name: name::printable(&req.name),
-                    cap: limits.max_waiters_per_lock,
-                });
-            }
-            let id = st.next_id;
-            st.next_id += 1;
-            st.holds += 1;
-            let lock = st.locks.get_mut(&key).expect("entry was just checked");
-            lock.waiters.push_back(Entry {
-                id,
-                owner: req.owner,
-                peer: req.peer,
-                since,
-                mode: req.mode,
-                labels: req.labels,
-                deadline: gives_up,
-                try_once,
-                tx,
-            });
-            id
-        };
+        let (tx, notices) = mailbox::mailbox();
+        let id = self.place(&key, req, tx)?;
         // From here on the ticket owns the place: dropping it cleans up.
         let ticket = Ticket {
             table: self.clone(),
             key: key.clone(),
             id,
             deadline,
-            notices: rx,
+            notices,
             _quota: quota,
             placed: true,
         };
         self.pump(&key, false);
+        self.settle(ticket, try_once)
+    }
 
+    /// Admits a request under the server's caps and puts it at the end of
+    /// its lock's queue (the lock is tracked from now on); its id.
+    fn place(&self, key: &Key, req: AcquireRequest, tx: mailbox::Sender) -> Result<u64, LockError> {
+        let limits = &self.shared.limits;
+        let since = SystemTime::now();
+        let try_once = req.try_once();
+        let gives_up = req
+            .wait
+            .filter(|w| !w.is_zero())
+            .and_then(|w| since.checked_add(w));
+        let mut st = self.state();
+        if st.draining {
+            return Err(LockError::Draining);
+        }
+        if st.holds >= limits.max_holds {
+            return Err(LockError::TooManyHolds {
+                cap: limits.max_holds,
+            });
+        }
+        let tracked = st.locks.len();
+        let lock = match st.locks.get_mut(key) {
+            Some(lock) => lock,
+            None if tracked >= limits.max_locks => {
+                return Err(LockError::TooManyLocks {
+                    cap: limits.max_locks,
+                });
+            }
+            None => st.locks.entry(key.clone()).or_insert(Lock::new(req.limit)),
+        };
+        if lock.limit != req.limit {
+            return Err(LockError::LimitMismatch {
+                name: name::printable(&req.name),
+                current: lock.limit,
+                requested: req.limit,
+            });
+        }
+        if lock.waiters.len() >= limits.max_waiters_per_lock {
+            return Err(LockError::TooManyWaiters {
+                name: name::printable(&req.name),
+                cap: limits.max_waiters_per_lock,
+            });
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.holds += 1;
+        let lock = st.locks.get_mut(key).expect("entry was just checked");
+        lock.waiters.push_back(Entry {
+            id,
+            owner: req.owner,
+            peer: req.peer,
+            since,
+            mode: req.mode,
+            labels: req.labels,
+            deadline: gives_up,
+            try_once,
+            tx,
+        });
+        Ok(id)
+    }
+
+    /// After the first pump: a request already granted (or failed) has its
+    /// notice; a try-lock that is not being attempted is withdrawn, not
+    /// acquired; any other request waits, and is told its place.
+    fn settle(&self, mut ticket: Ticket, try_once: bool) -> Result<Ticket, LockError> {
+        let (key, id) = (ticket.key.clone(), ticket.id);
         let mut st = self.state();
         let Some(lock) = st.locks.get_mut(&key) else {
             return Ok(ticket); // drained meanwhile: the ticket was told
@@ -437,7 +385,6 @@ impl LockTable {
             st.holds -= 1;
             forget_if_idle(&mut st, &key);
             drop(st);
-            let mut ticket = ticket;
             ticket.placed = false;
             drop(ticket);
             if index == 0 {
@@ -457,353 +404,7 @@ impl LockTable {
             owner: waiter.owner.clone(),
         };
         self.emit(&key, id, what);
-        drop(st);
         Ok(ticket)
-    }
-
-    /// Grants the head of the queue for as long as it can be granted,
-    /// running each attempt outside the mutex, and starts a retry task
-    /// when a holder outside this server blocks the head. `handoff`: a
-    /// holder of this process just left.
-    fn pump(&self, key: &Key, mut handoff: bool) {
-        loop {
-            let (job, own_note) = {
-                let mut st = self.state();
-                let backend = self.shared.kinds.get(&key.1).map(Box::as_ref);
-                match next_job(&mut st, key, backend, handoff) {
-                    Some(picked) => picked,
-                    None => return,
-                }
-            };
-            drop(own_note);
-            handoff = false;
-            let outcome = self.attempt(key, &job);
-            let mut after = After::default();
-            let next = {
-                let mut st = self.state();
-                let next = self.commit(&mut st, key, &job, outcome, &mut after);
-                match next {
-                    Next::Blocked => self.ensure_retry(&mut st, key, None),
-                    Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_POLL)),
-                    Next::Again | Next::Done => {}
-                }
-                forget_if_idle(&mut st, key);
-                next
-            };
-            after.finish();
-            if !matches!(next, Next::Again) {
-                return;
-            }
-        }
-    }
-
-    /// Tries to take the lock for `job`, without the table's mutex.
-    fn attempt(&self, key: &Key, job: &Job) -> Outcome {
-        let Some(kind) = self.shared.kinds.get(&key.1) else {
-            return Outcome::Failed(self.not_served(key.1));
-        };
-        // Lock files are shared with other processes: when other
-        // padlockd share the directory, take turns with those that
-        // announced waiters.
-        let fences = &self.shared.fences;
-        let shared_dir = kind.in_lock_dir() && fences.others_alive();
-        if job.handoff && shared_dir && fences.is_wanted(key.1.as_str(), &key.0) {
-            return Outcome::Yield;
-        }
-        let request = Request {
-            name: &key.0,
-            mode: job.mode,
-            limit: job.limit,
-            own_slots: &job.own_slots,
-            try_once: job.try_once,
-            on_lost: self.on_lost(key.clone(), job.id),
-        };
-        match kind.try_acquire(request) {
-            Ok(Attempt::Taken(held)) => self.with_fence(key, held),
-            Ok(Attempt::Busy) if shared_dir && !job.try_once && !job.announced => {
-                Outcome::Busy(fences.announce(key.1.as_str(), &key.0))
-            }
-            Ok(Attempt::Busy) => Outcome::Busy(None),
-            Ok(Attempt::Contend(contention)) => Outcome::Contend(contention),
-            Err(err) => Outcome::Failed(err),
-        }
-    }
-
-    /// Draws the fence of a lock just taken (unless its kind drew one).
-    /// Runs without the mutex, while the lock is held, so fences follow the
-    /// order of grants across every process sharing the lock directory.
-    fn with_fence(&self, key: &Key, held: Held) -> Outcome {
-        if let Some(fence) = held.fence {
-            return Outcome::Taken(held, fence);
-        }
-        match self.shared.fences.next(key.1.as_str(), &key.0) {
-            Ok(fence) => Outcome::Taken(held, fence),
-            // Another process has the counter locked: let go, retry soon.
-            Err(fence::FenceError::Busy) => Outcome::Busy(None),
-            Err(err) => Outcome::Failed(LockError::Backend(format!(
-                "cannot advance the fence counter: {err}"
-            ))),
-        }
-    }
-
-    /// Applies the outcome of the attempt for `job`, under the mutex.
-    fn commit(
-        &self,
-        st: &mut State,
-        key: &Key,
-        job: &Job,
-        outcome: Outcome,
-        after: &mut After,
-    ) -> Next {
-        let Some(lock) = st.locks.get_mut(key) else {
-            // Drained meanwhile.
-            after.drop_outcome(outcome);
-            return Next::Done;
-        };
-        if lock.attempt.as_ref().is_none_or(|a| a.id != job.id) {
-            after.drop_outcome(outcome);
-            return Next::Done;
-        }
-        if let Outcome::Contend(contention) = outcome {
-            if lock.waiters.front().is_none_or(|w| w.id != job.id) {
-                // The waiter left while its attempt was being set up.
-                lock.attempt = None;
-                drop(contention);
-                return Next::Again;
-            }
-            let task = self.spawn_contention(key.clone(), job.id, contention);
-            lock.attempt = Some(Attempting {
-                id: job.id,
-                task: Some(task),
-            });
-            return Next::Done;
-        }
-        lock.attempt = None;
-        let repump = std::mem::take(&mut lock.repump);
-        let is_head = lock.waiters.front().is_some_and(|w| w.id == job.id);
-        if let Outcome::Busy(Some(note)) = outcome {
-            // Keep one announcement while the head stays blocked.
-            if is_head && lock.announced.is_none() {
-                lock.announced = Some(note);
-            } else {
-                after.close.push(note);
-            }
-            return self.commit_busy(key, lock, job, (is_head, repump), after);
-        }
-        match outcome {
-            Outcome::Taken(held, fence) if is_head && held.is_alive() => {
-                let entry = lock.waiters.pop_front().expect("head exists");
-                lock.backoff = RETRY_FIRST;
-                lock.yield_until = None;
-                if let Some(note) = lock.announced.take() {
-                    after.close.push(note);
-                }
-                self.grant(key, lock, entry, held, fence, after);
-                Next::Again
-            }
-            // The waiter left meanwhile, or the lock was lost between being
-            // taken and now: let go of it, and go on with the queue.
-            Outcome::Taken(held, _) => {
-                after.release.push(held);
-                Next::Again
-            }
-            Outcome::Busy(_) => self.commit_busy(key, lock, job, (is_head, repump), after),
-            Outcome::Yield if is_head && !repump => {
-                if lock.yield_until.is_none() {
-                    lock.yield_until = tokio::time::Instant::now().checked_add(YIELD_MAX);
-                }
-                Next::Yielded
-            }
-            Outcome::Yield => Next::Again,
-            Outcome::Failed(err) if is_head => {
-                self.fail_head(key, lock, err, after);
-                Next::Again
-            }
-            Outcome::Failed(_) => Next::Again,
-            Outcome::Contend(_) => unreachable!("handled above"),
-        }
-    }
-
-    /// The head was found blocked by a holder outside this process.
-    fn commit_busy(
-        &self,
-        key: &Key,
-        lock: &mut Lock,
-        job: &Job,
-        (is_head, repump): (bool, bool),
-        after: &mut After,
-    ) -> Next {
-        if !is_head {
-            return Next::Again;
-        }
-        // Whoever the lock was left to has it now: stop yielding.
-        lock.yield_until = None;
-        if job.try_once {
-            let err = not_acquired(key, lock, Duration::ZERO);
-            self.fail_head(key, lock, err, after);
-            return Next::Again;
-        }
-        if repump { Next::Again } else { Next::Blocked }
-    }
-
-    /// Makes `entry` a holder of `lock` with `held`, and tells it so.
-    fn grant(
-        &self,
-        key: &Key,
-        lock: &mut Lock,
-        mut entry: Entry,
-        held: Held,
-        fence: u64,
-        after: &mut After,
-    ) {
-        let grant = Grant {
-            holder_id: entry.id,
-            fence,
-            slot: held.slot,
-            mode: entry.mode,
-        };
-        // The receiver lives in the Ticket, whose Drop removes the waiter
-        // under this mutex first, so a closed mailbox cannot happen here;
-        // if it ever did, `held` is let go and the lock stays free.
-        if entry.tx.send(Notice::Granted(grant)).is_err() {
-            after.release.push(held);
-            return;
-        }
-        let now = SystemTime::now();
-        let waited = now.duration_since(entry.since).unwrap_or_default();
-        entry.since = now;
-        let what = EventKind::Granted {
-            fence,
-            slot: held.slot,
-            mode: entry.mode,
-            owner: entry.owner.clone(),
-            waited,
-        };
-        self.emit(key, entry.id, what);
-        lock.holders.push(Holder { entry, fence, held });
-    }
-
-    /// Removes the head of the queue with `err`.
-    fn fail_head(&self, key: &Key, lock: &mut Lock, err: LockError, after: &mut After) {
-        let waiter = lock.waiters.pop_front().expect("head exists");
-        if let Some(note) = lock.announced.take() {
-            after.close.push(note);
-        }
-        self.emit(
-            key,
-            waiter.id,
-            EventKind::Abandoned {
-                waited: elapsed(waiter.since),
-            },
-        );
-        after.tell.push((waiter.tx, Notice::Failed(err)));
-    }
-
-    /// What a kind calls when a lock it granted to holder `id` ends on the
-    /// backend's side.
-    fn on_lost(&self, key: Key, id: u64) -> crate::kinds::OnLost {
-        let table = Arc::downgrade(&self.shared);
-        Box::new(move |detail: String| {
-            if let Some(shared) = table.upgrade() {
-                LockTable { shared }.revoke(key.1, &key.0, id, LostReason::Backend, &detail);
-            }
-        })
-    }
-
-    /// Runs a network acquisition for waiter `id` and grants it (or fails
-    /// it) when it resolves.
-    fn spawn_contention(
-        &self,
-        key: Key,
-        id: u64,
-        contention: Contention,
-    ) -> tokio::task::AbortHandle {
-        let table = Arc::downgrade(&self.shared);
-        let task = tokio::spawn(async move {
-            let outcome = contention.await;
-            if let Some(shared) = table.upgrade() {
-                LockTable { shared }.finish_contention(&key, id, outcome);
-            }
-        });
-        task.abort_handle()
-    }
-
-    fn finish_contention(&self, key: &Key, id: u64, outcome: Result<Held, LockError>) {
-        let job = Job {
-            id,
-            mode: Mode::Exclusive,
-            limit: 0,
-            own_slots: Vec::new(),
-            try_once: false,
-            handoff: false,
-            announced: false,
-        };
-        let outcome = match outcome {
-            Ok(held) => self.with_fence(key, held),
-            Err(err) => Outcome::Failed(err),
-        };
-        let mut after = After::default();
-        let mut st = self.state();
-        let current = st
-            .locks
-            .get(key)
-            .and_then(|lock| lock.attempt.as_ref())
-            .is_some_and(|a| a.id == id);
-        if !current {
-            // Cancelled meanwhile: let go of what was taken, unlocked.
-            drop(st);
-            drop(outcome);
-            return;
-        }
-        // A contention that ended Busy (fence counter) is retried like any
-        // other: the head is attempted again below.
-        let next = self.commit(&mut st, key, &job, outcome, &mut after);
-        match next {
-            Next::Blocked => self.ensure_retry(&mut st, key, None),
-            Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_POLL)),
-            Next::Again | Next::Done => {}
-        }
-        forget_if_idle(&mut st, key);
-        drop(st);
-        after.finish();
-        self.pump(key, false);
-    }
-
-    /// Makes sure a task retries `key` while an outside holder blocks it.
-    /// `delay`: when to retry (default: the lock's backoff, which grows).
-    fn ensure_retry(&self, st: &mut State, key: &Key, delay: Option<Duration>) {
-        let task_id = st.next_id;
-        let Some(lock) = st.locks.get_mut(key).filter(|l| l.retry_task == 0) else {
-            return;
-        };
-        st.next_id += 1;
-        lock.retry_task = task_id;
-        // While this process announces its waiters, it polls faster.
-        let cap = if lock.announced.is_some() {
-            ANNOUNCED_RETRY_CAP
-        } else {
-            RETRY_CAP
-        };
-        let delay = delay.unwrap_or(lock.backoff.min(cap));
-        lock.backoff = (lock.backoff * 2).min(cap);
-        let table = Arc::downgrade(&self.shared);
-        let key = key.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let Some(shared) = table.upgrade() else {
-                return;
-            };
-            let table = LockTable { shared };
-            {
-                let mut st = table.state();
-                match st.locks.get_mut(&key) {
-                    Some(lock) if lock.retry_task == task_id => lock.retry_task = 0,
-                    _ => return,
-                }
-            }
-            // Blocked again: the pump starts the next retry, later.
-            table.pump(&key, false);
-        });
     }
 
     /// Removes holder or waiter `id` of `key` (a ticket was dropped, or
@@ -1023,57 +624,6 @@ impl LockTable {
     }
 }
 
-/// Marks the head of the queue of `key` as attempted and says how to try
-/// it; `None` when there is nothing to try now.
-/// Marks the head of the queue of `key` as attempted and says how to try
-/// it; `None` when there is nothing to try now. At a handoff, this
-/// process's own announcement comes back too, to be withdrawn before the
-/// attempt looks for others'.
-fn next_job(
-    st: &mut State,
-    key: &Key,
-    backend: Option<&dyn Backend>,
-    handoff: bool,
-) -> Option<(Job, Option<fence::Announcement>)> {
-    let lock = st.locks.get_mut(key)?;
-    if lock.attempt.is_some() {
-        // The attempt's owner looks again when it is done.
-        lock.repump = true;
-        return None;
-    }
-    let head = lock.waiters.front()?;
-    // (A kind that is not served never gets a queue: it is refused first.)
-    if !backend.is_some_and(|b| b.admits(lock.holders(), head.mode)) {
-        return None;
-    }
-    // While the lock is left to another process, every attempt looks
-    // first whether that process still wants it.
-    let yielding = match lock.yield_until {
-        Some(until) if tokio::time::Instant::now() < until => true,
-        Some(_) => {
-            lock.yield_until = None;
-            false
-        }
-        None => false,
-    };
-    let job = Job {
-        id: head.id,
-        mode: head.mode,
-        limit: lock.limit,
-        own_slots: lock.holders.iter().filter_map(|h| h.held.slot).collect(),
-        try_once: head.try_once,
-        handoff: handoff || yielding,
-        announced: lock.announced.is_some() && !handoff,
-    };
-    lock.attempt = Some(Attempting {
-        id: head.id,
-        task: None,
-    });
-    lock.repump = false;
-    let own_note = if handoff { lock.announced.take() } else { None };
-    Some((job, own_note))
-}
-
 /// Not acquired: who holds `lock` now (the first three owners).
 fn not_acquired(key: &Key, lock: &Lock, waited: Duration) -> LockError {
     LockError::NotAcquired {
@@ -1097,106 +647,6 @@ fn forget_if_idle(st: &mut State, key: &Key) {
 
 fn elapsed(since: SystemTime) -> Duration {
     since.elapsed().unwrap_or_default()
-}
-
-/// A place in a lock's queue, then the lock itself. Dropping the ticket
-/// leaves the queue or releases the lock.
-pub struct Ticket {
-    table: LockTable,
-    key: Key,
-    id: u64,
-    /// When the wait ends (`None`: never, or a try-lock).
-    deadline: Option<tokio::time::Instant>,
-    /// Queued, Granted, Lost or Failed, in that order of life.
-    pub notices: mailbox::Receiver,
-    /// The client token's place in its quota, given back on drop.
-    _quota: Option<QuotaSlot>,
-    /// Still in the table: dropping the ticket leaves it.
-    placed: bool,
-}
-
-impl Ticket {
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.key.1
-    }
-
-    pub fn name(&self) -> &str {
-        &self.key.0
-    }
-
-    /// When the wait for a grant ends, if it does.
-    pub fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.deadline
-    }
-
-    /// Gives up the wait: leaves the queue and says why, with the holders
-    /// the lock has at this moment.
-    pub fn time_out(self, waited: Duration) -> LockError {
-        let err = {
-            let st = self.table.state();
-            match st.locks.get(&self.key) {
-                Some(lock) => not_acquired(&self.key, lock, waited),
-                None => LockError::NotAcquired {
-                    name: name::printable(&self.key.0),
-                    holders: 0,
-                    held_by: Vec::new(),
-                    waited,
-                },
-            }
-        };
-        drop(self);
-        err
-    }
-
-    /// Releases a held lock at the holder's request, after making sure that
-    /// it was still held: `Err` with why when it had been lost on the
-    /// backend meanwhile (the holder must be told `Lost`, not `Released`).
-    pub async fn release(mut self) -> Result<(), Notice> {
-        let confirm = {
-            let st = self.table.state();
-            st.locks.get(&self.key).and_then(|lock| {
-                lock.holders
-                    .iter()
-                    .find(|h| h.entry.id == self.id)
-                    .map(|h| h.held.confirm())
-            })
-        };
-        if let Some(Some(confirm)) = confirm
-            && let Err(detail) = confirm.await
-        {
-            let key = &self.key;
-            self.table
-                .revoke(key.1, &key.0, self.id, LostReason::Backend, &detail);
-        }
-        // Released only if it is still held at the moment it is let go;
-        // otherwise it was taken away (revoked, lost, drained), and the
-        // `Lost` sent for that is on its way.
-        self.placed = false;
-        if self.table.leave(&self.key, self.id) {
-            return Ok(());
-        }
-        while let Some(notice) = self.notices.recv().await {
-            if matches!(notice, Notice::Lost { .. }) {
-                return Err(notice);
-            }
-        }
-        Err(Notice::Lost {
-            reason: LostReason::Backend,
-            detail: "the lock had ended before its release".into(),
-        })
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if self.placed {
-            self.table.leave(&self.key, self.id);
-        }
-    }
 }
 
 #[cfg(test)]
