@@ -180,7 +180,9 @@ impl Config {
         let command = || Config::command().args_override_self(true);
         let matches = command().try_get_matches_from(&args).map_err(clap_exit)?;
         let Some(file) = matches.get_one::<PathBuf>("config") else {
-            return Config::from_arg_matches(&matches).map_err(|e| e.to_string());
+            return Config::from_arg_matches(&matches)
+                .map_err(|e| e.to_string())?
+                .checked();
         };
         let shown = file.display();
         let text = std::fs::read_to_string(file)
@@ -237,7 +239,31 @@ impl Config {
         }
         merged.extend(args.into_iter().skip(1));
         let matches = command().try_get_matches_from(merged).map_err(clap_exit)?;
-        Config::from_arg_matches(&matches).map_err(|e| e.to_string())
+        Config::from_arg_matches(&matches)
+            .map_err(|e| e.to_string())?
+            .checked()
+    }
+
+    /// The checks that involve several settings, made when the config is
+    /// loaded (one setting's own checks are its parser's).
+    fn checked(self) -> Result<Config, String> {
+        let redis_asked = self
+            .kinds
+            .as_ref()
+            .is_some_and(|kinds| kinds.contains(&crate::locks::Kind::Redis));
+        if redis_asked && self.redis_url.is_none() {
+            return Err("--kinds includes redis, which needs --redis-url".into());
+        }
+        Ok(self)
+    }
+
+    /// Does this server serve `kind`? By default file and semaphore, and
+    /// redis when there is a `--redis-url`.
+    pub fn serves(&self, kind: crate::locks::Kind) -> bool {
+        match &self.kinds {
+            Some(kinds) => kinds.contains(&kind),
+            None => kind != crate::locks::Kind::Redis || self.redis_url.is_some(),
+        }
     }
     /// The lock directory, with the default filled in.
     pub fn lock_dir(&self) -> PathBuf {
@@ -351,6 +377,22 @@ mod tests {
         let mut argv: Vec<OsString> = vec!["padlockd".into(), "--config".into(), file.into()];
         argv.extend(args.iter().map(OsString::from));
         Config::load_from(argv)
+    }
+
+    #[test]
+    fn settings_that_depend_on_each_other_are_checked_at_load() {
+        use crate::locks::Kind;
+        let err = load(&["--kinds", "file,redis"], "").unwrap_err();
+        assert_eq!(err, "--kinds includes redis, which needs --redis-url");
+        let config = load(
+            &["--kinds", "redis", "--redis-url", "redis://127.0.0.1:1"],
+            "",
+        )
+        .unwrap();
+        assert!(config.serves(Kind::Redis) && !config.serves(Kind::File));
+        let config = load(&[], "").unwrap();
+        assert!(config.serves(Kind::File) && config.serves(Kind::Semaphore));
+        assert!(!config.serves(Kind::Redis));
     }
 
     #[test]

@@ -47,6 +47,94 @@ const OVERFLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 pub async fn run(config: Config) -> Result<(), StartError> {
     let started = std::time::SystemTime::now();
     let fds = Descriptors::raise_and_plan(config.max_connections);
+    warn_about_descriptors(&fds, &config);
+    let (table, lock_dir) = build_table(&config, fds.clone()).await?;
+    let metrics = crate::metrics::Metrics::install(&table, fds);
+    let admin = match &config.admin_token_file {
+        Some(path) => crate::http::Admin::from_file(path)?,
+        None => crate::http::Admin::disabled(),
+    };
+    let tokens = match &config.client_token_file {
+        Some(path) => Some(Arc::new(
+            ClientTokens::from_file(path).map_err(StartError::Auth)?,
+        )),
+        None => None,
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::connections::tls_acceptor(cert, key, config.tls_client_ca.as_deref())
+                .map_err(StartError::Tls)?,
+        ),
+        _ => None,
+    };
+    let (health, grpc) = grpc_routes(&config, &table, &metrics, tokens.clone(), &lock_dir).await?;
+
+    let tls_on = tls.is_some();
+    let listen_error = |err| StartError::Listen {
+        addr: config.listen,
+        err,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(listen_error)?;
+    let addr = listener.local_addr().map_err(listen_error)?;
+    let (incoming, overflow) = crate::connections::accept(
+        listener,
+        crate::connections::Accept {
+            max_connections: config.max_connections,
+            keepalive: config.keepalive_interval,
+            tls,
+            tls_failures: metrics.tls_handshake_failures.clone(),
+        },
+    );
+    let signal = shutdown_signal();
+    // Tests and scripts wait for this line: the server accepts from now on.
+    println!(
+        "padlockd listening on {addr} (gRPC and HTTP; the dashboard is at {})",
+        dashboard_url(addr, tls_on)
+    );
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, lock_dir = %lock_dir, redis = config.redis_url.as_deref().unwrap_or("-"), "serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(drain_on(
+        signal,
+        table.clone(),
+        health,
+        config.shutdown_grace,
+        stop_tx,
+    ));
+    let http = crate::http::App {
+        table,
+        admin: Arc::new(admin),
+        metrics: metrics.clone(),
+        stop: stop_rx.clone(),
+        clients: tokens,
+        facts: Arc::new(crate::http::Facts {
+            started,
+            lock_dir,
+            tls: tls_on,
+        }),
+    };
+    let routes = crate::http::with_grpc(grpc, http);
+    serve(
+        &config,
+        addr,
+        &metrics,
+        routes,
+        (incoming, overflow),
+        stop_rx,
+    )
+    .await;
+    Ok(())
+}
+
+/// The lock directory, its state (fences), the kinds served, and the lock
+/// table over them; with the directory as shown to people.
+async fn build_table(
+    config: &Config,
+    fds: Arc<Descriptors>,
+) -> Result<(LockTable, String), StartError> {
     let lock_dir = config.lock_dir();
     let shown = lock_dir.display().to_string();
     let root = Arc::new(Root::open(&lock_dir).map_err(|err| StartError::LockDir {
@@ -64,30 +152,25 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let fences = Fences::open(&state, fds.clone()).map_err(state_error)?;
     drop(state);
 
-    let serves = |kind: Kind| match &config.kinds {
-        Some(kinds) => kinds.contains(&kind),
-        None => kind != Kind::Redis || config.redis_url.is_some(),
-    };
-    if serves(Kind::Redis) && config.redis_url.is_none() {
-        return Err(StartError::Redis(
-            "--kinds includes redis, which needs --redis-url".into(),
-        ));
-    }
     let mut kinds = Backends::new();
-    if serves(Kind::File) {
+    if config.serves(Kind::File) {
         kinds.serve(Kind::File, FileKind::new(root.clone(), fds.clone()));
     }
-    if serves(Kind::Semaphore) {
+    if config.serves(Kind::Semaphore) {
         let max = config.max_semaphore_limit;
         kinds.serve(Kind::Semaphore, SemaphoreKind::new(root, fds.clone(), max));
     }
-    if let Some(url) = config.redis_url.as_ref().filter(|_| serves(Kind::Redis)) {
+    if let Some(url) = config
+        .redis_url
+        .as_ref()
+        .filter(|_| config.serves(Kind::Redis))
+    {
         let redis_config = RedisConfig {
             health_interval: config.redis_health_interval,
             health_timeout: config.redis_health_timeout,
             ..RedisConfig::default()
         };
-        let redis = RedisKind::connect(url, redis_config, fds.clone())
+        let redis = RedisKind::connect(url, redis_config, fds)
             .await
             .map_err(StartError::Redis)?;
         if !redis.is_healthy() {
@@ -107,14 +190,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_holds: config.max_holds,
         max_name_components: config.max_name_components.into(),
     };
-    warn_about_descriptors(&fds, &config);
-    let table = LockTable::new(kinds, fences, limits);
-    let metrics = crate::metrics::Metrics::install(&table, fds.clone());
-    let admin = match &config.admin_token_file {
-        Some(path) => crate::http::Admin::from_file(path)?,
-        None => crate::http::Admin::disabled(),
-    };
+    Ok((LockTable::new(kinds, fences, limits), shown))
+}
 
+/// The gRPC side: the Padlock service behind the client-token check, the
+/// standard health service (following readiness) and reflection.
+async fn grpc_routes(
+    config: &Config,
+    table: &LockTable,
+    metrics: &Arc<crate::metrics::Metrics>,
+    tokens: Option<Arc<ClientTokens>>,
+    lock_dir: &str,
+) -> Result<(tonic_health::server::HealthReporter, tonic::service::Routes), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PadlockServer<PadlockService>>().await;
     tokio::spawn(follow_readiness(table.clone(), health.clone()));
@@ -122,13 +209,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let tokens = match &config.client_token_file {
-        Some(path) => Some(Arc::new(
-            ClientTokens::from_file(path).map_err(StartError::Auth)?,
-        )),
-        None => None,
-    };
-    let auth = GrpcAuth::new(tokens.clone(), {
+    let auth = GrpcAuth::new(tokens, {
         let metrics = metrics.clone();
         move || {
             metrics
@@ -137,7 +218,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             tracing::debug!("refused a gRPC request without a valid client token");
         }
     });
-    let padlock = PadlockService::new(table.clone(), shown.clone()).first_message_timeout(
+    let padlock = PadlockService::new(table.clone(), lock_dir.to_string()).first_message_timeout(
         config.request_timeout,
         metrics.connections.request_timeouts.clone(),
     );
@@ -145,83 +226,51 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         PadlockServer::new(padlock).max_decoding_message_size(config.max_message_bytes),
         auth,
     );
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            crate::connections::tls_acceptor(cert, key, config.tls_client_ca.as_deref())
-                .map_err(StartError::Tls)?,
-        ),
-        _ => None,
-    };
-
-    let tls_on = tls.is_some();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|err| StartError::Listen {
-            addr: config.listen,
-            err,
-        })?;
-    let addr = listener.local_addr().map_err(|err| StartError::Listen {
-        addr: config.listen,
-        err,
-    })?;
-    let (incoming, overflow) = crate::connections::accept(
-        listener,
-        crate::connections::Accept {
-            max_connections: config.max_connections,
-            keepalive: config.keepalive_interval,
-            tls,
-            tls_failures: metrics.tls_handshake_failures.clone(),
-        },
-    );
-
-    let signal = shutdown_signal();
-    // Tests and scripts wait for this line: the server accepts from now on.
-    println!(
-        "padlockd listening on {addr} (gRPC and HTTP; the dashboard is at {})",
-        dashboard_url(addr, tls_on)
-    );
-    let _ = std::io::stdout().flush();
-    tracing::info!(%addr, lock_dir = %shown, redis = config.redis_url.as_deref().unwrap_or("-"), "serving");
-
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let draining = {
-        let table = table.clone();
-        let grace = config.shutdown_grace;
-        async move {
-            signal.await;
-            watchdog(grace + WATCHDOG_SLACK);
-            tracing::info!("shutting down: telling holders and waiters");
-            // Not serving, for the lock service and the server as a whole
-            // (service ""), before anything else: balancers stop sending.
-            health
-                .set_not_serving::<PadlockServer<PadlockService>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            table.drain();
-            let _ = stop_tx.send(true);
-        }
-    };
-    tokio::spawn(draining);
-
-    // gRPC and HTTP (REST, SSE, dashboard) share the listener; HTTP/1.1 is
-    // accepted for curl and browsers.
-    let grpc = tonic::service::Routes::new(service)
+    let routes = tonic::service::Routes::new(service)
         .add_service(health_service)
         .add_service(reflection);
-    let http = crate::http::App {
-        table: table.clone(),
-        admin: Arc::new(admin),
-        metrics: metrics.clone(),
-        stop: stop_rx.clone(),
-        clients: tokens.clone(),
-        facts: Arc::new(crate::http::Facts {
-            started,
-            lock_dir: shown.clone(),
-            tls: tls_on,
-        }),
-    };
+    Ok((health, routes))
+}
+
+/// On the first SIGTERM/SIGINT: not ready (gRPC health too), holders told
+/// `Lost{shutdown}` and waiters refused, then `stop` for the connections;
+/// the watchdog ends the process if that takes past the grace.
+async fn drain_on(
+    signal: impl Future<Output = ()>,
+    table: LockTable,
+    health: tonic_health::server::HealthReporter,
+    grace: std::time::Duration,
+    stop: watch::Sender<bool>,
+) {
+    signal.await;
+    watchdog(grace + WATCHDOG_SLACK);
+    tracing::info!("shutting down: telling holders and waiters");
+    // Not serving, for the lock service and the server as a whole
+    // (service ""), before anything else: balancers stop sending.
+    health
+        .set_not_serving::<PadlockServer<PadlockService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    table.drain();
+    let _ = stop.send(true);
+}
+
+/// Serves the accepted connections (gRPC and HTTP share them; HTTP/1.1 is
+/// accepted for curl and browsers) and refuses the ones over the limit,
+/// until `stop` and the connections close, or the shutdown grace ends.
+async fn serve(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    metrics: &crate::metrics::Metrics,
+    routes: tonic::service::Routes,
+    (incoming, overflow): (
+        tokio::sync::mpsc::Receiver<crate::connections::Conn>,
+        tokio::sync::mpsc::Receiver<crate::connections::Conn>,
+    ),
+    mut stop: watch::Receiver<bool>,
+) {
     let serving = Serving {
         keepalive_interval: config.keepalive_interval,
         keepalive_timeout: config.keepalive_timeout,
@@ -253,24 +302,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         overflow,
         crate::connections::overflow_routes(config.max_connections),
         refusing,
-        stop_rx.clone(),
+        stop.clone(),
     ));
-    let serve = crate::serve::serve(
-        incoming,
-        crate::http::with_grpc(grpc, http),
-        serving,
-        stop_rx.clone(),
-    );
+    let served = crate::serve::serve(incoming, routes, serving, stop.clone());
     let grace = async {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
+        let _ = stop.wait_for(|stop| *stop).await;
         tokio::time::sleep(config.shutdown_grace).await;
     };
     tokio::select! {
-        () = serve => {}
+        () = served => {}
         () = grace => tracing::warn!(grace = ?config.shutdown_grace, "streams still open after the shutdown grace; exiting"),
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// The gRPC health service says what `/readyz` says: SERVING while
