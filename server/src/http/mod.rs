@@ -158,14 +158,15 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// Ready to grant locks: not while draining.
+/// Ready to grant every kind it serves: not while shutting down, nor while
+/// a backend it serves (Redis) is down.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Shutting down: grants nothing", body = ErrorBody),
+        (status = 503, description = "Shutting down (`draining`), or a backend is down (`unavailable`, with the reason)", body = ErrorBody),
     )
 )]
 async fn readyz(State(app): State<App>) -> Result<Json<Health>, ApiError> {

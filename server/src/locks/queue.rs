@@ -93,14 +93,7 @@ impl LockTable {
             let mut after = After::default();
             let next = {
                 let mut st = self.state();
-                let next = self.commit(&mut st, key, &job, outcome, &mut after);
-                match next {
-                    Next::Blocked => self.ensure_retry(&mut st, key, None),
-                    Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_POLL)),
-                    Next::Again | Next::Done => {}
-                }
-                forget_if_idle(&mut st, key);
-                next
+                self.conclude(&mut st, key, &job, outcome, &mut after)
             };
             after.finish();
             if !matches!(next, Next::Again) {
@@ -156,6 +149,27 @@ impl LockTable {
                 "cannot advance the fence counter: {err}"
             ))),
         }
+    }
+
+    /// Commits an attempt's outcome and arranges what it calls for: a
+    /// retry while an outside holder blocks the head, a look soon while the
+    /// lock is left to another process; a lock left idle is forgotten.
+    pub(super) fn conclude(
+        &self,
+        st: &mut State,
+        key: &Key,
+        job: &Job,
+        outcome: Outcome,
+        after: &mut After,
+    ) -> Next {
+        let next = self.commit(st, key, job, outcome, after);
+        match next {
+            Next::Blocked => self.ensure_retry(st, key, None),
+            Next::Yielded => self.ensure_retry(st, key, Some(YIELD_POLL)),
+            Next::Again | Next::Done => {}
+        }
+        forget_if_idle(st, key);
+        next
     }
 
     /// Applies the outcome of the attempt for `job`, under the mutex.
@@ -369,13 +383,7 @@ impl LockTable {
         }
         // A contention that ended Busy (fence counter) is retried like any
         // other: the head is attempted again below.
-        let next = self.commit(&mut st, key, &job, outcome, &mut after);
-        match next {
-            Next::Blocked => self.ensure_retry(&mut st, key, None),
-            Next::Yielded => self.ensure_retry(&mut st, key, Some(YIELD_POLL)),
-            Next::Again | Next::Done => {}
-        }
-        forget_if_idle(&mut st, key);
+        self.conclude(&mut st, key, &job, outcome, &mut after);
         drop(st);
         after.finish();
         self.pump(key, false);

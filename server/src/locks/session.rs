@@ -9,29 +9,14 @@
 //! grant, it leaves the queue and fails with who holds the lock, read under
 //! the table's lock. Dropping it releases the lock or leaves the queue.
 
-use super::{AcquireRequest, Grant, LockError, LockTable, LostReason, Notice, Ticket};
+use super::{AcquireRequest, LockError, LockTable, LostReason, Notice, Ticket};
 use crate::auth::Scope;
 use crate::locks::name::printable;
 use std::time::Duration;
 
-/// What a session has to say.
-#[derive(Debug)]
-pub enum Step {
-    /// Still waiting, at this 1-based position behind `holders` holders.
-    Queued {
-        position: u32,
-        holders: u32,
-    },
-    Granted(Grant),
-    /// The lock ended without the holder's asking. The session is over.
-    Lost {
-        reason: LostReason,
-        detail: String,
-    },
-    /// The request ended without a grant (not acquired within its wait,
-    /// refused by the backend, the server draining). The session is over.
-    Failed(LockError),
-}
+/// What a session has to say: the table's [`Notice`]s, as a session
+/// yields them (`Queued` only before the grant; `Lost` and `Failed` end it).
+pub type Step = Notice;
 
 /// How a release at the holder's request ended.
 #[derive(Debug)]
