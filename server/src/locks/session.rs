@@ -61,7 +61,7 @@ impl LockTable {
             name = %printable(ticket.name()),
             id = ticket.id(),
             kind = ticket.kind().as_str(),
-            "queued"
+            "requested"
         );
         Ok(Session {
             ticket: Some(ticket),
