@@ -123,8 +123,38 @@ impl Server {
         }
     }
 
+    /// padlockd serving the redis kind on `redis` (besides files and
+    /// semaphores), with a fresh temporary lock directory.
+    pub fn on_redis(redis: &RedisServer) -> Server {
+        Server::on_redis_with(redis, &[])
+    }
+
+    /// [`Server::on_redis`] with extra flags.
+    pub fn on_redis_with(redis: &RedisServer, args: &[&str]) -> Server {
+        let mut all = vec!["--redis-url", &redis.url];
+        all.extend_from_slice(args);
+        Server::start_with_args(&all)
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// padlockd has not exited (it is our child, so a dead one stays a
+    /// zombie until it is reaped: check its state, not just its pid).
+    pub fn assert_alive(&self) {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("padlockd's /proc entry is gone");
+        // "PID (COMM) STATE ...": the state follows the last ')'.
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next())
+            .expect("state field");
+        assert!(
+            !matches!(state, 'Z' | 'X'),
+            "padlockd has exited (state {state})"
+        );
     }
 
     /// A new SDK client (own connection).
@@ -173,9 +203,10 @@ impl Drop for Server {
     }
 }
 
-/// The server still serves everyone else: health answers, and a fresh
-/// client on its own connection takes and releases a lock of its own.
+/// The server still serves everyone else: it runs, health answers, and a
+/// fresh client on its own connection takes and releases a lock of its own.
 pub async fn assert_unharmed(server: &Server) {
+    server.assert_alive();
     let check = async {
         let (status, _) = http::json(http::client().get(format!("{}/healthz", server.url))).await;
         assert_eq!(status, 200, "/healthz");
@@ -194,22 +225,58 @@ pub async fn assert_unharmed(server: &Server) {
         .expect("the server answers other clients within 20 s");
 }
 
-/// Polls `check` until it returns `Some`, at most `limit`; panics with
-/// `what` otherwise. For states that have no event to wait on (a count in
-/// Redis, a file's mode); each poll yields to the runtime.
-pub async fn eventually<T>(
-    what: &str,
-    limit: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
+/// How often [`poll_until`] (and so [`eventually`]) looks again.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `check` every 10 ms until it returns `Ok`, for at most `limit`
+/// (a check already begun is let finish); past it, returns the last `Err`:
+/// what was last seen. For states that have no event to wait on (a count
+/// in Redis, a file's mode, a waiter in a queue). Tests call
+/// [`eventually`] or [`eventually_ok`], which panic instead; this is for a
+/// caller with more to do on failure (a screenshot).
+///
+/// `check` is an `FnMut` returning a future (an `async ||` closure that
+/// only borrows is one), not an `AsyncFnMut`: a future awaiting an
+/// `AsyncFnMut` cannot be proven `Send`, and some waits run in spawned
+/// tasks.
+pub async fn poll_until<T, E, F>(limit: Duration, mut check: impl FnMut() -> F) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
     let start = Instant::now();
     loop {
-        if let Some(value) = check().await {
-            return value;
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(last) if start.elapsed() >= limit => return Err(last),
+            Err(_) => tokio::time::sleep(POLL).await,
         }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls `check` until it returns `Some`, at most `limit`; panics with
+/// `what` otherwise. See [`poll_until`].
+pub async fn eventually<T, F>(what: &str, limit: Duration, mut check: impl FnMut() -> F) -> T
+where
+    F: Future<Output = Option<T>>,
+{
+    let found = poll_until(limit, || {
+        let seen = check();
+        async move { seen.await.ok_or(()) }
+    })
+    .await;
+    found.unwrap_or_else(|()| panic!("{what}: not within {limit:?}"))
+}
+
+/// Polls `check` until it returns `Ok`, at most `limit`; panics with
+/// `what` and the last `Err` (what was seen instead) otherwise. See
+/// [`poll_until`].
+pub async fn eventually_ok<T, E, F>(what: &str, limit: Duration, check: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<T, E>>,
+{
+    let found = poll_until(limit, check).await;
+    found.unwrap_or_else(|last| panic!("{what}: not within {limit:?}; last seen: {last}"))
 }
 
 /// Fences recorded in grant order must strictly increase.
@@ -227,22 +294,20 @@ pub fn assert_strictly_increasing(fences: &[u64]) {
 /// Waits until the server shows exactly `n` waiters on lock `name` of
 /// `kind` (a request reached the queue). Panics after 20 s.
 pub async fn until_waiters(client: &padlock::Client, name: &str, kind: padlock::Kind, n: usize) {
-    let start = Instant::now();
-    loop {
+    let what = format!("{n} waiter(s) on {name}");
+    eventually_ok(&what, Duration::from_secs(20), async || {
         let info = client.show(name, kind).await.expect("show");
         // (An older padlockd does not send the total: count the list.)
         let waiters = info
             .as_ref()
             .map(|l| (l.waiters_total as usize).max(l.waiters.len()));
-        if waiters == Some(n) {
-            return;
+        match waiters {
+            Some(waiters) if waiters == n => Ok(()),
+            Some(waiters) => Err(format!("{waiters} waiter(s)")),
+            None => Err("no such lock".to_string()),
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never {n} waiter(s) on {name}: {waiters:?}"
-        );
-        tokio::task::yield_now().await;
-    }
+    })
+    .await
 }
 
 /// Waits for a child process to exit, at most `limit`.
@@ -349,18 +414,7 @@ impl RedisServer {
     /// Starts redis-server (no persistence) on a free port and waits until
     /// it answers PING. Fails with install instructions when it is missing.
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut server = RedisServer {
-            child: None,
-            port,
-            url: format!("redis://127.0.0.1:{port}"),
-            extra: Vec::new(),
-        };
-        server.restart();
-        server
+        RedisServer::start_with(&[])
     }
 
     /// Starts redis-server with extra arguments (an ACL, say).
@@ -479,6 +533,33 @@ impl Drop for RedisServer {
 /// (`PADLOCK_SKIP_REDIS=1`); see [`opted_out`].
 pub fn redis_opted_out() -> bool {
     opted_out("PADLOCK_SKIP_REDIS")
+}
+
+/// A [`RedisServer`] of the test's own, or `None` when the redis tests are
+/// opted out (`PADLOCK_SKIP_REDIS=1`: the skip is logged, and refused
+/// under CI; see [`opted_out`]). A test starts with
+/// `let Some(redis) = own_redis() else { return; };`.
+pub fn own_redis() -> Option<RedisServer> {
+    own_redis_with(&[])
+}
+
+/// [`own_redis`] with extra arguments to redis-server (an ACL, say).
+pub fn own_redis_with(args: &[&str]) -> Option<RedisServer> {
+    if redis_opted_out() {
+        return None;
+    }
+    Some(RedisServer::start_with(args))
+}
+
+/// For the interop tests of the redis kind: a Redis of the test's own and
+/// the Python that has portalocker, or `None` when either is opted out
+/// (the Redis opt-out is asked first, and a skip is logged once).
+pub fn own_redis_and_portalocker() -> Option<(RedisServer, PathBuf)> {
+    if redis_opted_out() {
+        return None;
+    }
+    let python = portalocker_python()?;
+    Some((RedisServer::start(), python))
 }
 
 /// The file where opted-out tests write their names, for `tests/run.sh`

@@ -2,14 +2,13 @@
 //! headless Chromium driven through chromedriver with plain W3C WebDriver
 //! calls (JSON over HTTP), no extra crate.
 
-use crate::Server;
 use crate::http::{PATIENCE, client};
+use crate::{Server, eventually_ok, poll_until};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -172,23 +171,24 @@ impl Browser {
             .await
     }
 
-    /// Polls `script` until it returns true, at most [`PATIENCE`].
+    /// Polls `script` until it returns true, at most [`PATIENCE`]; on
+    /// failure, keeps a screenshot of the page.
     pub async fn until(&self, what: &str, script: &str, args: Value) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if self.script(script, args.clone()).await == Value::Bool(true) {
-                return;
+        let shown = poll_until(PATIENCE, async || {
+            match self.script(script, args.clone()).await {
+                Value::Bool(true) => Ok(()),
+                other => Err(other),
             }
-            if Instant::now() > deadline {
-                let shot = self.screenshot().await;
-                let path = artifact("dashboard-failure.png");
-                std::fs::write(&path, shot).expect("write failure screenshot");
-                panic!(
-                    "the page never showed {what} (screenshot: {})",
-                    path.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        if let Err(last) = shown {
+            let shot = self.screenshot().await;
+            let path = artifact("dashboard-failure.png");
+            std::fs::write(&path, shot).expect("write failure screenshot");
+            panic!(
+                "the page never showed {what} (the script last returned {last}; screenshot: {})",
+                path.display()
+            );
         }
     }
 
@@ -206,25 +206,13 @@ impl Browser {
     /// Clicks the element `css` selects; retries while the page re-renders
     /// under it (a stale or not-yet-there element), at most [`PATIENCE`].
     pub async fn click(&self, css: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let clicked = match self.find(css).await {
-                Ok(id) => {
-                    self.call(
-                        reqwest::Method::POST,
-                        &format!("/element/{id}/click"),
-                        json!({}),
-                    )
-                    .await
-                }
-                Err(err) => Err(err),
-            };
-            match clicked {
-                Ok(_) => return,
-                Err(err) if Instant::now() > deadline => panic!("cannot click {css}: {err}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        let what = format!("a click on {css}");
+        eventually_ok(&what, PATIENCE, async || {
+            let id = self.find(css).await?;
+            let path = format!("/element/{id}/click");
+            self.call(reqwest::Method::POST, &path, json!({})).await
+        })
+        .await;
     }
 
     pub async fn type_into(&self, css: &str, text: &str) {

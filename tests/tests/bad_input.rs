@@ -7,13 +7,12 @@
 //! client.
 
 use padlock::proto as pb;
-use padlock_e2e::Server;
+use padlock_e2e::{Server, assert_unharmed, eventually_ok};
 use pb::hold_request::Msg as Req;
 use pb::hold_response::Msg as Resp;
 use pb::padlock_client::PadlockClient;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -141,54 +140,19 @@ fn assert_status(status: &Status, code: Code, fragments: &[&str], case: &str) {
     eprintln!("{case}: {:?} {:?}", status.code(), status.message());
 }
 
-static FRESH: AtomicU64 = AtomicU64::new(0);
-
-/// The same padlockd still grants (and releases) an ordinary lock, and is
-/// still running.
-async fn assert_still_serves(server: &Server) {
-    assert_alive(server);
-    let name = format!("still-serves/{}", FRESH.fetch_add(1, Ordering::Relaxed));
-    let client = server.client().await;
-    let guard = guarded(
-        "normal acquire",
-        client.lock(&name).wait(Duration::from_secs(5)).acquire(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("padlockd no longer grants a normal lock ({name}): {e}"));
-    assert!(guard.fence() >= 1);
-    assert!(guard.is_held());
-    guarded("release", guard.release())
-        .await
-        .expect("release a normal lock");
-}
-
-/// padlockd has not exited (it is our child, so a dead one stays a zombie
-/// until the harness reaps it: check its state, not just its pid).
-fn assert_alive(server: &Server) {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid()))
-        .expect("padlockd's /proc entry is gone");
-    let state = stat
-        .rsplit(") ")
-        .next()
-        .and_then(|rest| rest.chars().next())
-        .expect("state field");
-    assert!(
-        !matches!(state, 'Z' | 'X'),
-        "padlockd has exited (state {state})"
-    );
-}
-
 /// Waits until the server tracks no lock at all: a refused request leaves
-/// nothing behind in the table. (Each round is an RPC, not a sleep.)
+/// nothing behind in the table.
 async fn assert_table_empties(server: &Server) {
     let client = server.client().await;
-    guarded("table empties", async {
-        loop {
-            let info = client.server_info().await.expect("server info");
-            if info.locks == 0 && info.holders == 0 && info.waiters == 0 {
-                return;
-            }
-            tokio::task::yield_now().await;
+    eventually_ok("the table empties", GUARD, async || {
+        let info = client.server_info().await.expect("server info");
+        if info.locks == 0 && info.holders == 0 && info.waiters == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} lock(s), {} holder(s), {} waiter(s)",
+                info.locks, info.holders, info.waiters
+            ))
         }
     })
     .await;
@@ -303,7 +267,7 @@ async fn hostile_names_are_refused_and_nothing_outside_the_lock_dir_is_touched()
                 &want,
                 &format!("{case} ({kind})"),
             );
-            assert_still_serves(&server).await;
+            assert_unharmed(&server).await;
         }
     }
 
@@ -325,7 +289,7 @@ async fn hostile_names_are_refused_and_nothing_outside_the_lock_dir_is_touched()
             &["invalid lock name", "goes through a symlink"],
             case,
         );
-        assert_still_serves(&server).await;
+        assert_unharmed(&server).await;
     }
 
     // The documented limits are exactly where they are documented: a
@@ -349,7 +313,7 @@ async fn hostile_names_are_refused_and_nothing_outside_the_lock_dir_is_touched()
         guarded("release", guard.release()).await.expect("release");
     }
 
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
     assert_table_empties(&server).await;
 
     // Nothing new next to (or above) the lock directory...
@@ -381,7 +345,7 @@ async fn hostile_names_are_refused_and_nothing_outside_the_lock_dir_is_touched()
         let meta = std::fs::symlink_metadata(lock_dir.join(link)).unwrap();
         assert!(meta.file_type().is_symlink(), "{link} was replaced");
     }
-    assert_alive(&server);
+    server.assert_alive();
 }
 
 /// Semaphore limits: 0, above --max-semaphore-limit, a limit on a file
@@ -398,7 +362,7 @@ async fn bad_limits_are_refused() {
         &["a semaphore needs a limit of at least 1"],
         "limit 0",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     let status = status_of(&client, msg_acquire(semaphore("sem", 9))).await;
     assert_status(
@@ -410,7 +374,7 @@ async fn bad_limits_are_refused() {
         ],
         "limit 9 > max 8",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // The maximum itself is fine.
     let sdk = server.client().await;
@@ -434,7 +398,7 @@ async fn bad_limits_are_refused() {
         &["limit 3 was given for a file lock"],
         "limit on a file lock",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     let status = status_of(
         &client,
@@ -450,7 +414,7 @@ async fn bad_limits_are_refused() {
         &["semaphore slots are exclusive"],
         "shared semaphore",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // Limit mismatch while the semaphore is held with limit 2.
     let held = guarded("hold sem", sdk.lock("sem").semaphore(2).acquire())
@@ -475,7 +439,7 @@ async fn bad_limits_are_refused() {
     assert_eq!(second.slot(), Some(1));
     drop(second);
     guarded("release", held.release()).await.unwrap();
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
     assert_table_empties(&server).await;
 
     // Once nobody holds or waits, a different limit is fine.
@@ -483,7 +447,7 @@ async fn bad_limits_are_refused() {
         .await
         .expect("a new limit once the semaphore is idle");
     guarded("release", relimited.release()).await.unwrap();
-    assert_alive(&server);
+    server.assert_alive();
 }
 
 /// Enum values this server does not know.
@@ -506,7 +470,7 @@ async fn unknown_kind_and_mode_are_refused() {
         &["unknown kind 99"],
         "kind 99",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     let status = status_of(
         &client,
@@ -522,7 +486,7 @@ async fn unknown_kind_and_mode_are_refused() {
         &["unknown mode 99"],
         "mode 99",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     let status = status_of(
         &client,
@@ -538,9 +502,9 @@ async fn unknown_kind_and_mode_are_refused() {
         &["unknown kind -1"],
         "kind -1",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
     assert_table_empties(&server).await;
-    assert_alive(&server);
+    server.assert_alive();
 }
 
 /// Messages out of order on a Hold stream.
@@ -558,7 +522,7 @@ async fn hold_stream_protocol_violations_are_refused() {
         &["Release before Acquire"],
         "Release first",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // A HoldRequest with no message at all.
     let status = status_of(&client, pb::HoldRequest { msg: None }).await;
@@ -568,7 +532,7 @@ async fn hold_stream_protocol_violations_are_refused() {
         &["empty HoldRequest"],
         "empty HoldRequest",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // A second Acquire after the grant: refused, and the first lock is
     // released (someone else can take it at once).
@@ -594,7 +558,7 @@ async fn hold_stream_protocol_violations_are_refused() {
         .expect("try_acquire")
         .expect("the refused stream's lock is free again");
     assert!(next.fence() > granted.fence);
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // A second Acquire while queued: refused, and the queue place is gone.
     let mut hold = RawHold::open(&client, msg_acquire(acquire("twice")))
@@ -613,9 +577,9 @@ async fn hold_stream_protocol_violations_are_refused() {
         "second Acquire while queued",
     );
     guarded("release", next.release()).await.unwrap();
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
     assert_table_empties(&server).await;
-    assert_alive(&server);
+    server.assert_alive();
 }
 
 /// A message over --max-message-bytes ends the stream with an error; the
@@ -641,7 +605,7 @@ async fn oversized_messages_are_refused() {
         &["message length too large", "the limit is: 4096 bytes"],
         "8000-byte owner, --max-message-bytes 4096",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     let labels = (0..20)
         .map(|i| (format!("label-{i}"), "v".repeat(250)))
@@ -660,7 +624,7 @@ async fn oversized_messages_are_refused() {
         &["message length too large", "the limit is: 4096 bytes"],
         "20 x 250-byte labels, --max-message-bytes 4096",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // The same raw connection still works for a normal request.
     let mut hold = RawHold::open(&client, msg_acquire(acquire("big")))
@@ -699,7 +663,7 @@ async fn oversized_messages_are_refused() {
         &["owner is 300 bytes long; the limit is 256"],
         "300-byte owner",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     let labels = (0..17).map(|i| (format!("k{i}"), "v".into())).collect();
     let status = status_of(
@@ -716,9 +680,9 @@ async fn oversized_messages_are_refused() {
         &["at most 16 labels"],
         "17 labels",
     );
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
     assert_table_empties(&server).await;
-    assert_alive(&server);
+    server.assert_alive();
 }
 
 /// More waiters than --max-waiters-per-lock: RESOURCE_EXHAUSTED, and the
@@ -756,7 +720,7 @@ async fn waiter_cap_is_enforced() {
         other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
     }
     // Other names are not affected by the cap on this one.
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
 
     // The queued waiter is still in line and gets the lock.
     let fence = holder.fence();
@@ -767,7 +731,7 @@ async fn waiter_cap_is_enforced() {
     assert!(granted.fence > fence);
     waiter.send(msg_release()).await;
     assert!(matches!(waiter.next().await, Resp::Released(_)));
-    assert_still_serves(&server).await;
+    assert_unharmed(&server).await;
     assert_table_empties(&server).await;
-    assert_alive(&server);
+    server.assert_alive();
 }

@@ -18,7 +18,7 @@
 use padlock::{Kind, LostReason};
 use padlock_e2e::http::{PATIENCE, client, json as get_json, token_file};
 use padlock_e2e::webdriver::{Browser, artifact, browser, in_browser};
-use padlock_e2e::{RedisServer, Server, redis_opted_out, until_waiters};
+use padlock_e2e::{Server, own_redis, until_waiters};
 use serde_json::json;
 use std::time::Duration;
 
@@ -487,15 +487,14 @@ async fn history_steps(server: Server, browser: Browser) -> Browser {
 /// token box. Redis going down shows in the server panel, and coming back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_redis_health_and_no_revoke_without_an_admin_token() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
+    };
     let Some(browser) = browser() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start();
-    let server = Server::start_with_args(&["--redis-url", &redis.url]);
+    let server = Server::on_redis(&redis);
     let redis = std::sync::Arc::new(std::sync::Mutex::new(redis));
     in_browser(
         browser,

@@ -7,8 +7,7 @@
 use padlock::{Kind, LostReason};
 use padlock_e2e::http::{PATIENCE, json, token_file};
 use padlock_e2e::{
-    RedisServer, Server, bin, eventually, read_line_starting, redis_opted_out, until_waiters,
-    wait_child,
+    Server, bin, eventually, own_redis, read_line_starting, until_waiters, wait_child,
 };
 use reqwest::StatusCode;
 use std::io::{BufReader, Read};
@@ -504,11 +503,10 @@ fn padlockd_takes_a_bare_port_and_says_where_the_dashboard_is() {
 /// not ready while Redis is down, ready again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_agrees_with_readyz_when_redis_is_down() {
-    if redis_opted_out() {
+    let Some(mut redis) = own_redis() else {
         return;
-    }
-    let mut redis = RedisServer::start();
-    let server = Server::start_with_args(&["--redis-url", &redis.url]);
+    };
+    let server = Server::on_redis(&redis);
     let http = padlock_e2e::http::client();
     let readyz = format!("{}/readyz", server.url);
     let health = |server: &Server| server.cli().arg("health").output().unwrap();

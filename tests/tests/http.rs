@@ -5,11 +5,11 @@
 //! document, and streams ending on shutdown.
 
 use padlock::LostReason;
-use padlock_e2e::Server;
 use padlock_e2e::http::{
     Chunks, Events, PATIENCE, client, encode_path, error_code, hold, json, parse_metrics, raw,
     token_file,
 };
+use padlock_e2e::{Server, assert_unharmed, eventually_ok};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -292,9 +292,7 @@ async fn hostile_names_are_refused() {
         .filter(|n| n != ".padlock")
         .collect();
     assert!(created.is_empty(), "created {created:?}");
-    // Still serving.
-    let (status, _) = raw(server.addr, "GET", "/healthz", "");
-    assert_eq!(status, 200);
+    assert_unharmed(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1225,22 +1223,21 @@ async fn client_tokens_guard_the_lock_endpoints() {
     assert_eq!(metrics["padlock_admin_auth_failures_total"], 1.0);
 }
 
-/// Waits until `name` (any kind) has `waiters` waiters, over HTTP.
+/// Waits until `name` (any kind) has `waiters` waiters, over HTTP;
+/// returns the lock as shown then.
 async fn until_http_waiters(
     http: &reqwest::Client,
     base: &str,
     name: &str,
     waiters: usize,
 ) -> Value {
-    within("the waiters", async {
-        let mut events = Events::open(http, base, &format!("?prefix={name}")).await;
-        loop {
-            let (status, body) = json(http.get(format!("{base}/v1/locks/{name}"))).await;
-            if status == StatusCode::OK && body["waiters"].as_array().map(Vec::len) == Some(waiters)
-            {
-                return body;
-            }
-            events.next().await.expect("the events stream ended");
+    let what = format!("{waiters} waiter(s) on {name} over HTTP");
+    eventually_ok(&what, PATIENCE, async || {
+        let (status, body) = json(http.get(format!("{base}/v1/locks/{name}"))).await;
+        if status == StatusCode::OK && body["waiters"].as_array().map(Vec::len) == Some(waiters) {
+            Ok(body)
+        } else {
+            Err(format!("{status} {body}"))
         }
     })
     .await

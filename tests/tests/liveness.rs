@@ -5,7 +5,7 @@
 //! server crash.
 
 use padlock::{Client, Kind, LockGuard, LostReason};
-use padlock_e2e::{Server, read_line_starting, wait_child};
+use padlock_e2e::{Server, eventually_ok, read_line_starting, wait_child};
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, ExitStatus, Stdio};
@@ -96,16 +96,14 @@ fn fence_of(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no fence in {line:?}"))
 }
 
-/// Waits until the server reports `n` waiters on `name` (each round is an
-/// inspection RPC).
+/// Waits until the server reports `n` waiters (or more) on `name`.
 async fn until_waiting(client: &Client, name: &str, kind: Kind, n: usize) {
-    guarded(&format!("{n} waiter(s) on {name}"), GUARD, async {
-        loop {
-            let info = client.show(name, kind).await.expect("show");
-            if info.is_some_and(|l| l.waiters.len() >= n) {
-                return;
-            }
-            tokio::task::yield_now().await;
+    let what = format!("{n} waiter(s) on {name}");
+    eventually_ok(&what, GUARD, async || {
+        match client.show(name, kind).await.expect("show") {
+            Some(l) if l.waiters.len() >= n => Ok(()),
+            Some(l) => Err(format!("{} waiter(s)", l.waiters.len())),
+            None => Err("no such lock".to_string()),
         }
     })
     .await;

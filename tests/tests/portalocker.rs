@@ -10,12 +10,12 @@
 //! `/proc/locks`. Timeouts only turn a hang into a failure.
 
 use padlock::{Client, Kind, LockGuard};
-use padlock_e2e::{Server, portalocker_python, read_line_starting, wait_child};
+use padlock_e2e::{Server, eventually_ok, portalocker_python, read_line_starting, wait_child};
 use std::io::BufReader;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 /// How long any single step may take before the test fails. Only a guard
@@ -249,42 +249,37 @@ fn holds(pid: i32, access: &str) -> Flock {
 /// Waits until the kernel lists a blocked exclusive flock request by `pid`
 /// on `path` (the process sleeps in flock(2) behind another holder).
 async fn wait_blocked_in_flock(path: &Path, pid: i32) {
-    let start = Instant::now();
     let want = Flock {
         blocked: true,
         access: "WRITE".into(),
         pid,
     };
-    while !flocks_on(path).contains(&want) {
-        assert!(
-            start.elapsed() < GUARD,
-            "pid {pid} never blocked in flock on {}: {:?}",
-            path.display(),
-            flocks_on(path)
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let what = format!("pid {pid} blocked in flock on {}", path.display());
+    eventually_ok(&what, GUARD, async || {
+        let flocks = flocks_on(path);
+        if flocks.contains(&want) {
+            Ok(())
+        } else {
+            Err(format!("{flocks:?}"))
+        }
+    })
+    .await;
 }
 
 /// Waits until padlockd reports `waiters` waiters (and no holder) on the
 /// lock: the request has reached the queue and is blocked by an outside
 /// holder.
 async fn wait_queued(client: &Client, name: &str, kind: Kind, holders: usize) {
-    let start = Instant::now();
-    loop {
+    let what = format!("a waiter on {name}");
+    let info = eventually_ok(&what, GUARD, async || {
         let info = client.show(name, kind).await.expect("show");
-        if let Some(info) = &info
-            && info.waiters.len() == 1
-        {
-            assert_eq!(info.holders.len(), holders, "{info:?}");
-            return;
+        match info {
+            Some(info) if info.waiters.len() == 1 => Ok(info),
+            other => Err(format!("{other:?}")),
         }
-        assert!(
-            start.elapsed() < GUARD,
-            "no waiter on {name} after {GUARD:?}: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    })
+    .await;
+    assert_eq!(info.holders.len(), holders, "{info:?}");
 }
 
 /// Awaits a spawned acquire, which must be granted within [`GUARD`].

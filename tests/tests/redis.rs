@@ -3,8 +3,8 @@
 
 use padlock::{Client, Error, Kind, LostReason};
 use padlock_e2e::{
-    RedisServer, Server, assert_strictly_increasing, portalocker_python, read_line_starting,
-    redis_opted_out, until_waiters,
+    RedisServer, Server, assert_strictly_increasing, eventually_ok, own_redis,
+    own_redis_and_portalocker, read_line_starting, until_waiters,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -95,10 +95,6 @@ impl Drop for PyRedisLocks {
     }
 }
 
-fn padlockd_on(redis: &RedisServer) -> Server {
-    Server::start_with_args(&["--redis-url", &redis.url])
-}
-
 const GUARD: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,14 +129,10 @@ fn tonic_code_unavailable() -> tonic::Code {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portalocker_and_padlock_exclude_each_other_with_one_fence_sequence() {
-    if redis_opted_out() {
-        return;
-    }
-    let Some(python) = portalocker_python() else {
+    let Some((redis, python)) = own_redis_and_portalocker() else {
         return;
     };
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     let mut py = PyRedisLocks::start(&python, &redis, "jobs/report");
 
@@ -189,14 +181,10 @@ async fn portalocker_and_padlock_exclude_each_other_with_one_fence_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_and_exclusive_mix_with_portalocker() {
-    if redis_opted_out() {
-        return;
-    }
-    let Some(python) = portalocker_python() else {
+    let Some((redis, python)) = own_redis_and_portalocker() else {
         return;
     };
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     let mut py = PyRedisLocks::start(&python, &redis, "db/schema");
 
@@ -258,12 +246,11 @@ async fn shared_and_exclusive_mix_with_portalocker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_padlockd_instances_share_one_lock_space() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let a = padlockd_on(&redis);
-    let b = padlockd_on(&redis);
+    };
+    let a = Server::on_redis(&redis);
+    let b = Server::on_redis(&redis);
     let work = tempfile::tempdir().unwrap();
     let counter = work.path().join("counter");
     let fences = Arc::new(Mutex::new(Vec::new()));
@@ -301,12 +288,11 @@ async fn two_padlockd_instances_share_one_lock_space() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_an_instance_hands_its_locks_to_the_other() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let mut a = padlockd_on(&redis);
-    let b = padlockd_on(&redis);
+    };
+    let mut a = Server::on_redis(&redis);
+    let b = Server::on_redis(&redis);
     let held = a
         .client()
         .await
@@ -335,11 +321,10 @@ async fn kill9_of_an_instance_hands_its_locks_to_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_death_is_noticed_and_fences_survive_its_restart() {
-    if redis_opted_out() {
+    let Some(mut redis) = own_redis() else {
         return;
-    }
-    let mut redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    };
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     let holders = vec![
         client.lock("a").redis().acquire().await.unwrap(),
@@ -375,7 +360,7 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
     );
 
     // While Redis is down, new redis acquires are refused clearly...
-    let refused = loop {
+    let refused = eventually_ok("redis acquires refused as UNAVAILABLE", GUARD, async || {
         match client
             .lock("c")
             .redis()
@@ -383,13 +368,12 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
             .acquire()
             .await
         {
-            Err(Error::Status(status)) if status.code() == tonic_code_unavailable() => {
-                break status;
-            }
+            Err(Error::Status(status)) if status.code() == tonic_code_unavailable() => Ok(status),
             Ok(_) => panic!("granted a redis lock while redis is down"),
-            Err(_) => tokio::task::yield_now().await, // not noticed yet
+            Err(other) => Err(other), // not noticed yet
         }
-    };
+    })
+    .await;
     assert!(refused.message().contains("redis"), "{}", refused.message());
     // ...and the server says it is not ready.
     let readyz = reqwest::get(format!("{}/readyz", server.url))
@@ -422,15 +406,15 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
     );
     // New acquires are accepted again once the monitor has seen Redis
     // answer (at most one health interval after it is back).
-    let b = loop {
-        match client.lock("b").redis().acquire().await {
-            Ok(guard) => break guard,
-            Err(Error::Status(s)) if s.code() == tonic_code_unavailable() => {
-                tokio::task::yield_now().await
-            }
+    let b = eventually_ok("redis acquires accepted again", GUARD, async || {
+        let acquired = client.lock("b").redis().acquire().await;
+        match acquired {
+            Ok(guard) => Ok(guard),
+            Err(Error::Status(s)) if s.code() == tonic_code_unavailable() => Err(s),
             Err(e) => panic!("{e}"),
         }
-    };
+    })
+    .await;
     assert!(
         b.fence() > last_fence,
         "fence {} after restart, {last_fence} before",
@@ -448,11 +432,10 @@ async fn redis_death_is_noticed_and_fences_survive_its_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_is_noticed_within_the_bound() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    };
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     let guard = client.lock("hang").redis().acquire().await.unwrap();
     let other = server
@@ -475,7 +458,7 @@ async fn a_hung_redis_is_noticed_within_the_bound() {
     eprintln!("holders told {:?} after SIGSTOP of redis", paused.elapsed());
     redis.pause(false);
     // Back to normal once Redis answers: the lock can be taken again.
-    let again = loop {
+    let again = eventually_ok("the lock taken again", GUARD, async || {
         match client
             .lock("hang")
             .redis()
@@ -483,23 +466,21 @@ async fn a_hung_redis_is_noticed_within_the_bound() {
             .acquire()
             .await
         {
-            Ok(g) => break g,
-            Err(Error::Status(s)) if s.code() == tonic_code_unavailable() => {
-                tokio::task::yield_now().await
-            }
+            Ok(g) => Ok(g),
+            Err(Error::Status(s)) if s.code() == tonic_code_unavailable() => Err(s),
             Err(e) => panic!("{e}"),
         }
-    };
+    })
+    .await;
     assert!(again.fence() > guard.fence());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn try_lock_on_a_free_redis_lock_is_granted() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    };
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     let guard = client.lock("try/free").redis().try_acquire().await.unwrap();
     let guard = guard.expect("a free redis lock is granted to a try-lock");
@@ -525,11 +506,10 @@ async fn try_lock_on_a_free_redis_lock_is_granted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_holds_a_redis_lock() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    };
+    let server = Server::on_redis(&redis);
     let mut hold = server
         .cli()
         .args(["hold", "--kind", "redis", "cli/lock"])
@@ -561,11 +541,10 @@ async fn cli_holds_a_redis_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_only_server_refuses_node_local_kinds() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let server = Server::start_with_args(&["--redis-url", &redis.url, "--kinds", "redis"]);
+    };
+    let server = Server::on_redis_with(&redis, &["--kinds", "redis"]);
     let client = server.client().await;
     for request in [
         client.lock("k").acquire(),

@@ -6,17 +6,13 @@
 
 use padlock::{Error, Kind, LostReason};
 use padlock_e2e::{
-    RedisServer, Server, assert_unharmed, eventually, redis_opted_out, until_waiters,
+    RedisServer, Server, assert_unharmed, eventually, own_redis, own_redis_with, until_waiters,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
 const GUARD: Duration = Duration::from_secs(30);
-
-fn padlockd_on(redis: &RedisServer) -> Server {
-    Server::start_with_args(&["--redis-url", &redis.url])
-}
 
 fn numsub(redis: &RedisServer, channel: &str) -> u64 {
     let reply = redis.command(&["PUBSUB", "NUMSUB", channel]);
@@ -52,11 +48,10 @@ fn silent_subscriber(redis: &RedisServer, channel: &str) -> std::net::TcpStream 
 /// Nothing of the waiter may stay subscribed, so the name is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_leaves_no_subscription_behind() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    };
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     let subscriber = silent_subscriber(&redis, "zr");
     let waiter = {
@@ -104,12 +99,11 @@ async fn a_failed_attempt_leaves_no_subscription_behind() {
 /// not `Released`, because others held the lock meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_after_being_reaped_is_a_loss() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let a = padlockd_on(&redis);
-    let b = padlockd_on(&redis);
+    };
+    let a = Server::on_redis(&redis);
+    let b = Server::on_redis(&redis);
     let holder = a
         .client()
         .await
@@ -153,12 +147,11 @@ async fn a_release_after_being_reaped_is_a_loss() {
 /// once (this held before; kept as the companion of the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_reaped_while_paused_is_told_on_resume() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let a = padlockd_on(&redis);
-    let b = padlockd_on(&redis);
+    };
+    let a = Server::on_redis(&redis);
+    let b = Server::on_redis(&redis);
     let holder = a
         .client()
         .await
@@ -190,11 +183,10 @@ async fn a_holder_reaped_while_paused_is_told_on_resume() {
 /// Names Redis refuses in a connection name are refused up front.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_redis_cannot_use_are_refused_up_front() {
-    if redis_opted_out() {
+    let Some(redis) = own_redis() else {
         return;
-    }
-    let redis = RedisServer::start();
-    let server = padlockd_on(&redis);
+    };
+    let server = Server::on_redis(&redis);
     let client = server.client().await;
     for name in ["a b", "ünï", "x\u{a0}y"] {
         let refused = client
@@ -218,11 +210,10 @@ async fn names_redis_cannot_use_are_refused_up_front() {
 /// costs each waiter a bounded number of connections, not a storm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_backend_costs_few_connections() {
-    if redis_opted_out() {
+    let acl = ["--user", "padlock", "on", ">pw", "~*", "&allowed*", "+@all"];
+    let Some(redis) = own_redis_with(&acl) else {
         return;
-    }
-    let redis =
-        RedisServer::start_with(&["--user", "padlock", "on", ">pw", "~*", "&allowed*", "+@all"]);
+    };
     let url = format!("redis://padlock:pw@127.0.0.1:{}", redis.port);
     let server = Server::start_with_args(&["--redis-url", &url]);
     let client = server.client().await;

@@ -9,7 +9,7 @@ use padlock_e2e::h2::{
     ACK, DATA, GOAWAY, PING, RST_STREAM, RawH2, guarded, open_hold, take_messages,
 };
 use padlock_e2e::http::parse_metrics;
-use padlock_e2e::{Server, until_waiters};
+use padlock_e2e::{Server, eventually_ok, until_waiters};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -35,22 +35,19 @@ async fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
 
 /// Polls `/metrics` until `done` holds (at most 20 s).
 async fn until_metrics(addr: SocketAddr, what: &str, done: impl Fn(&HashMap<String, f64>) -> bool) {
-    let start = Instant::now();
-    loop {
+    eventually_ok(what, Duration::from_secs(20), async || {
         let seen = metrics(addr).await;
         if done(&seen) {
-            return;
+            return Ok(());
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never {what}: {:?}",
-            seen.iter()
-                .filter(|(k, _)| k.contains("connections") || k.contains("timeouts"))
-                .collect::<Vec<_>>()
-        );
-        // A poll interval (the condition is the synchronization).
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let mut shown: Vec<_> = seen
+            .iter()
+            .filter(|(k, _)| k.contains("connections") || k.contains("timeouts"))
+            .collect();
+        shown.sort_by(|a, b| a.0.cmp(b.0));
+        Err(format!("{shown:?}"))
+    })
+    .await;
 }
 
 /// Reads until the server closes the connection; returns what it sent.
