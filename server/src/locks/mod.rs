@@ -12,9 +12,15 @@
 //! someone outside this server holds the lock, a background task retries
 //! with a short bounded backoff until it is free or the queue empties.
 //!
-//! **Nothing that touches the outside world runs under the table's mutex.**
-//! The state sits behind one `std::sync::Mutex`, held only for in-memory
-//! bookkeeping and never across an `.await`. Taking a lock in the outside
+//! **Locks of different names do not contend.** The table is split into
+//! shards by a hash of the name (a few per core, see [`shard_count`]), each
+//! behind its own `std::sync::Mutex`; the caps, ids and draining are
+//! atomics. Events get their number, and are sent, under one short event
+//! lock, so that they are numbered in the order they happen across shards.
+//!
+//! **Nothing that touches the outside world runs under a shard's mutex.**
+//! A mutex is held only for in-memory bookkeeping and never across an
+//! `.await`. Taking a lock in the outside
 //! world (opening and flocking files, drawing a fence, a Redis round trip)
 //! is an *attempt*: the head of a queue is marked as being attempted under
 //! the mutex, the attempt runs without it, and its outcome is committed
@@ -38,6 +44,7 @@
 //! and the [`Ticket`] it returns: the ticket receives [`Notice`]s, and
 //! dropping it leaves the queue or releases the lock.
 
+mod admit;
 pub mod fence;
 mod mailbox;
 pub mod name;
@@ -55,6 +62,8 @@ pub use view::{Detail, HolderView, LockView, Page, WaiterView};
 
 use crate::kinds::{Attempt, Backend, Backends, Contention, Held, Holders, Request};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -100,7 +109,7 @@ struct Holder {
     held: Held,
 }
 
-/// The head of a queue whose acquisition runs outside the table's mutex.
+/// The head of a queue whose acquisition runs outside its shard's mutex.
 struct Attempting {
     id: u64,
     /// The task running a network acquisition (Redis); `None` while a
@@ -158,22 +167,41 @@ impl Lock {
     }
 }
 
-struct State {
+/// The locks whose names hash to one shard.
+#[derive(Default)]
+struct Shard {
     locks: BTreeMap<Key, Lock>,
-    next_id: u64,
-    draining: bool,
-    /// Tickets alive: waiting and holding requests (`--max-holds`).
-    holds: usize,
+}
+
+/// How many shards a table has: a power of two, about four per core, so
+/// that names rarely share a mutex with a busy one.
+pub fn shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 4).next_power_of_two().clamp(8, 256)
 }
 
 struct Shared {
-    state: Mutex<State>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Picks a name's shard; keyed at random per process, so that names
+    /// cannot be chosen to pile up in one shard.
+    hasher: std::hash::RandomState,
+    /// The next request (and retry task) id.
+    next_id: AtomicU64,
+    /// Set once, before drain empties the shards one by one; a request
+    /// placed in a shard checks it under that shard's mutex.
+    draining: AtomicBool,
+    /// Tickets alive: waiting and holding requests (`--max-holds`).
+    holds: AtomicUsize,
+    /// Locks tracked across the shards (`--max-locks`).
+    tracked: AtomicUsize,
     events: tokio::sync::broadcast::Sender<Event>,
-    /// Called with every event, synchronously, under the table's mutex:
-    /// for metrics that must not miss events when subscribers lag.
+    /// Called with every event, synchronously, under the event lock: for
+    /// metrics and history that must not miss events when subscribers lag.
     observer: std::sync::OnceLock<Observer>,
-    /// The last event's [`Event::seq`]; bumped under the table's mutex.
-    event_seq: std::sync::atomic::AtomicU64,
+    /// The last event's [`Event::seq`]. Held while an event is numbered,
+    /// observed and sent (always inside a shard's mutex, never around one),
+    /// so numbers follow the order of the sends.
+    event_seq: Mutex<u64>,
     kinds: HashMap<Kind, Box<dyn Backend>>,
     /// Why the other kinds are not served.
     not_served: HashMap<Kind, String>,
@@ -189,17 +217,28 @@ pub struct LockTable {
 
 impl LockTable {
     pub fn new(kinds: Backends, fences: fence::Fences, limits: Limits) -> LockTable {
+        Self::with_shards(kinds, fences, limits, shard_count())
+    }
+
+    /// A table of `shards` shards (rounded up to a power of two).
+    pub fn with_shards(
+        kinds: Backends,
+        fences: fence::Fences,
+        limits: Limits,
+        shards: usize,
+    ) -> LockTable {
+        let shards = shards.max(1).next_power_of_two();
         LockTable {
             shared: Arc::new(Shared {
-                state: Mutex::new(State {
-                    locks: BTreeMap::new(),
-                    next_id: 1,
-                    draining: false,
-                    holds: 0,
-                }),
+                shards: (0..shards).map(|_| Mutex::default()).collect(),
+                hasher: std::hash::RandomState::new(),
+                next_id: AtomicU64::new(1),
+                draining: AtomicBool::new(false),
+                holds: AtomicUsize::new(0),
+                tracked: AtomicUsize::new(0),
                 events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
                 observer: std::sync::OnceLock::new(),
-                event_seq: std::sync::atomic::AtomicU64::new(0),
+                event_seq: Mutex::new(0),
                 kinds: kinds.served,
                 not_served: kinds.not_served,
                 fences,
@@ -208,10 +247,36 @@ impl LockTable {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock must not wedge every later client;
-        // the state is updated so that each step leaves it consistent.
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard that holds the lock `key`, locked.
+    fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
+        let shards = &self.shared.shards;
+        let hash = self.shared.hasher.hash_one(&*key.0) as usize;
+        lock(&shards[hash & (shards.len() - 1)])
+    }
+
+    /// Each shard in turn, locked one at a time.
+    fn each_shard(&self) -> impl Iterator<Item = MutexGuard<'_, Shard>> {
+        self.shared.shards.iter().map(lock)
+    }
+
+    fn new_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One open request fewer (`--max-holds`).
+    fn unhold(&self) {
+        let _ = self
+            .shared
+            .holds
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Stops tracking `key` when it has nobody left.
+    fn forget_if_idle(&self, st: &mut Shard, key: &Key) {
+        if st.locks.get(key).is_some_and(Lock::is_idle) {
+            st.locks.remove(key);
+            self.shared.tracked.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -235,14 +300,12 @@ impl LockTable {
         if observer.is_none() && !subscribed {
             return;
         }
-        // Every emit runs under the table's mutex, so numbers follow the
-        // order of the sends.
-        let seq = 1 + self
-            .shared
-            .event_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Every emit runs under its shard's mutex, so a lock's events are
+        // in order; the event lock numbers them in the order of the sends.
+        let mut seq = lock(&self.shared.event_seq);
+        *seq += 1;
         let event = Event {
-            seq,
+            seq: *seq,
             at: SystemTime::now(),
             kind: key.1,
             name: key.0.clone(),
@@ -257,164 +320,14 @@ impl LockTable {
         }
     }
 
-    /// Checks a request against the rules that need no state: the name,
-    /// the kind and its limit, owner, labels and wait.
-    fn check(&self, req: &AcquireRequest) -> Result<(), LockError> {
-        let limits = &self.shared.limits;
-        name::validate(&req.name, limits.max_name_components)?;
-        let Some(backend) = self.shared.kinds.get(&req.kind) else {
-            return Err(self.not_served(req.kind));
-        };
-        backend.check_request(req.kind, req.mode, req.limit)?;
-        req.check_metadata()?;
-        backend.check_available()?;
-        backend.check_name(&req.name)
-    }
-
-    /// Why a kind is refused that this server does not serve.
-    fn not_served(&self, kind: Kind) -> LockError {
-        LockError::Unavailable(match self.shared.not_served.get(&kind) {
-            Some(why) => why.clone(),
-            None => format!("this server does not serve {kind} locks (see its --kinds)"),
-        })
-    }
-
-    /// Joins the queue for a lock. The returned ticket has already received
-    /// `Granted` when the lock was free, or `Queued` otherwise.
-    pub fn acquire(&self, req: AcquireRequest) -> Result<Ticket, LockError> {
-        self.check(&req)?;
-        let quota = req.quota.as_ref().map(|quota| quota.take()).transpose()?;
-        let key: Key = (Arc::from(req.name.as_str()), req.kind);
-        let try_once = req.try_once();
-        let deadline = req.deadline();
-        let (tx, notices) = mailbox::mailbox();
-        let id = self.place(&key, req, tx)?;
-        // From here on the ticket owns the place: dropping it cleans up.
-        let ticket = Ticket {
-            table: self.clone(),
-            key: key.clone(),
-            id,
-            deadline,
-            notices,
-            _quota: quota,
-            placed: true,
-        };
-        self.pump(&key, false);
-        self.settle(ticket, try_once)
-    }
-
-    /// Admits a request under the server's caps and puts it at the end of
-    /// its lock's queue (the lock is tracked from now on); its id.
-    fn place(&self, key: &Key, req: AcquireRequest, tx: mailbox::Sender) -> Result<u64, LockError> {
-        let limits = &self.shared.limits;
-        let since = SystemTime::now();
-        let try_once = req.try_once();
-        let gives_up = req
-            .wait
-            .filter(|w| !w.is_zero())
-            .and_then(|w| since.checked_add(w));
-        let mut st = self.state();
-        if st.draining {
-            return Err(LockError::Draining);
-        }
-        if st.holds >= limits.max_holds {
-            return Err(LockError::TooManyHolds {
-                cap: limits.max_holds,
-            });
-        }
-        let tracked = st.locks.len();
-        let lock = match st.locks.get_mut(key) {
-            Some(lock) => lock,
-            None if tracked >= limits.max_locks => {
-                return Err(LockError::TooManyLocks {
-                    cap: limits.max_locks,
-                });
-            }
-            None => st.locks.entry(key.clone()).or_insert(Lock::new(req.limit)),
-        };
-        if lock.limit != req.limit {
-            return Err(LockError::LimitMismatch {
-                name: name::printable(&req.name),
-                current: lock.limit,
-                requested: req.limit,
-            });
-        }
-        if lock.waiters.len() >= limits.max_waiters_per_lock {
-            return Err(LockError::TooManyWaiters {
-                name: name::printable(&req.name),
-                cap: limits.max_waiters_per_lock,
-            });
-        }
-        let id = st.next_id;
-        st.next_id += 1;
-        st.holds += 1;
-        let lock = st.locks.get_mut(key).expect("entry was just checked");
-        lock.waiters.push_back(Entry {
-            id,
-            owner: req.owner,
-            peer: req.peer,
-            since,
-            mode: req.mode,
-            labels: req.labels,
-            deadline: gives_up,
-            try_once,
-            tx,
-        });
-        Ok(id)
-    }
-
-    /// After the first pump: a request already granted (or failed) has its
-    /// notice; a try-lock that is not being attempted is withdrawn, not
-    /// acquired; any other request waits, and is told its place.
-    fn settle(&self, mut ticket: Ticket, try_once: bool) -> Result<Ticket, LockError> {
-        let (key, id) = (ticket.key.clone(), ticket.id);
-        let mut st = self.state();
-        let Some(lock) = st.locks.get_mut(&key) else {
-            return Ok(ticket); // drained meanwhile: the ticket was told
-        };
-        let Some(index) = lock.waiters.iter().position(|w| w.id == id) else {
-            return Ok(ticket); // granted (or failed) already
-        };
-        // A try-lock being attempted right now gets its answer from that
-        // attempt (it makes one try only); otherwise it is not granted.
-        let attempted = lock.attempt.as_ref().is_some_and(|a| a.id == id);
-        if try_once && !attempted {
-            // Withdrawn quietly: it was never announced as queued.
-            lock.waiters.remove(index);
-            let err = not_acquired(&key, lock, Duration::ZERO);
-            st.holds -= 1;
-            forget_if_idle(&mut st, &key);
-            drop(st);
-            ticket.placed = false;
-            drop(ticket);
-            if index == 0 {
-                // Readers held back by this writer may go now.
-                self.pump(&key, false);
-            }
-            return Err(err);
-        }
-        let waiter = &lock.waiters[index];
-        let _ = waiter.tx.send(Notice::Queued {
-            position: index as u32 + 1,
-            holders: lock.holders.len() as u32,
-        });
-        let what = EventKind::Queued {
-            position: index as u32 + 1,
-            mode: waiter.mode,
-            owner: waiter.owner.clone(),
-        };
-        self.emit(&key, id, what);
-        Ok(ticket)
-    }
-
     /// Removes holder or waiter `id` of `key` (a ticket was dropped, or
     /// released). Returns true when it was a holder at that moment.
     fn leave(&self, key: &Key, id: u64) -> bool {
         let mut after = After::default();
         let mut was_holder = false;
         let pump = {
-            let mut st = self.state();
-            st.holds = st.holds.saturating_sub(1);
+            self.unhold();
+            let mut st = self.shard(key);
             let Some(lock) = st.locks.get_mut(key) else {
                 return false;
             };
@@ -452,7 +365,7 @@ impl LockTable {
                 // A new head may be grantable (e.g. readers behind a writer).
                 pump = (i == 0).then_some(false);
             }
-            forget_if_idle(&mut st, key);
+            self.forget_if_idle(&mut st, key);
             pump
         };
         after.finish();
@@ -475,7 +388,7 @@ impl LockTable {
         let key: Key = (Arc::from(name), kind);
         let mut after = After::default();
         {
-            let mut st = self.state();
+            let mut st = self.shard(&key);
             let Some(lock) = st.locks.get_mut(&key) else {
                 return false;
             };
@@ -505,13 +418,15 @@ impl LockTable {
     }
 
     /// Stops granting: every holder gets `Lost{shutdown}`, every waiter
-    /// `Failed(Draining)`, and later acquires are refused.
+    /// `Failed(Draining)`, and later acquires are refused. Shard by shard,
+    /// after the flag is set (see [`LockTable::place`]).
     pub fn drain(&self) {
-        let mut after = After::default();
-        {
-            let mut st = self.state();
-            st.draining = true;
-            for (key, lock) in std::mem::take(&mut st.locks) {
+        self.shared.draining.store(true, Ordering::Release);
+        for mut st in self.each_shard() {
+            let mut after = After::default();
+            let locks = std::mem::take(&mut st.locks);
+            self.shared.tracked.fetch_sub(locks.len(), Ordering::AcqRel);
+            for (key, lock) in locks {
                 if let Some(task) = lock.attempt.and_then(|a| a.task) {
                     task.abort();
                 }
@@ -541,8 +456,9 @@ impl LockTable {
                         .push((waiter.tx, Notice::Failed(LockError::Draining)));
                 }
             }
+            drop(st);
+            after.finish();
         }
-        after.finish();
     }
 
     /// The kinds this server serves, in order.
@@ -565,62 +481,7 @@ impl LockTable {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.state().draining
-    }
-
-    /// A page of the locks with holders or waiters whose name starts with
-    /// `prefix` (and of `kind`, if given), in (name, kind) order, after the
-    /// lock `after`: at most `limit` locks, and fewer when their details
-    /// reach `detail.byte_budget`.
-    pub fn list(
-        &self,
-        kind: Option<Kind>,
-        prefix: &str,
-        after: Option<(&str, Kind)>,
-        limit: usize,
-        detail: &Detail,
-    ) -> Page {
-        let st = self.state();
-        view::page(&st.locks, kind, prefix, after, limit, detail)
-    }
-
-    /// One lock, if it has holders or waiters, with at most what `detail`
-    /// allows of its holders and waiters.
-    pub fn get(&self, kind: Kind, name: &str, detail: &Detail) -> Option<LockView> {
-        let st = self.state();
-        let key: Key = (Arc::from(name), kind);
-        st.locks
-            .get(&key)
-            .map(|lock| view::view(&key, lock, detail))
-    }
-
-    /// The lock that holder `id` holds, as (name, kind). Looks through
-    /// every lock: for an administrator's revoke by id.
-    pub fn holder_lock(&self, id: u64) -> Option<(String, Kind)> {
-        let st = self.state();
-        st.locks
-            .iter()
-            .find(|(_, lock)| lock.holders.iter().any(|h| h.entry.id == id))
-            .map(|((name, kind), _)| (name.to_string(), *kind))
-    }
-
-    /// Counts, for server info and metrics; `prefix` limits them to the
-    /// names starting with it.
-    pub fn totals(&self, prefix: &str) -> Totals {
-        let st = self.state();
-        let mut totals = Totals {
-            holds: if prefix.is_empty() { st.holds } else { 0 },
-            ..Totals::default()
-        };
-        for (_, lock) in view::under(&st.locks, prefix) {
-            totals.locks += 1;
-            totals.holders += lock.holders.len();
-            totals.waiters += lock.waiters.len();
-        }
-        if !prefix.is_empty() {
-            totals.holds = totals.holders + totals.waiters;
-        }
-        totals
+        self.shared.draining.load(Ordering::Acquire)
     }
 }
 
@@ -639,10 +500,10 @@ fn not_acquired(key: &Key, lock: &Lock, waited: Duration) -> LockError {
     }
 }
 
-fn forget_if_idle(st: &mut State, key: &Key) {
-    if st.locks.get(key).is_some_and(Lock::is_idle) {
-        st.locks.remove(key);
-    }
+/// Locks a mutex of the table. A panic while one was held must not wedge
+/// every later client; each step leaves the state consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn elapsed(since: SystemTime) -> Duration {

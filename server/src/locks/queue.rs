@@ -1,5 +1,5 @@
 //! The queue of each lock: its head is granted for as long as it can be.
-//! An attempt on the outside world is marked under the table's mutex, run
+//! An attempt on the outside world is marked under its shard's mutex, run
 //! without it, and committed under it again; one attempt per lock at a
 //! time. A holder outside this server makes the head retry with a backoff
 //! (a task per lock); a backend that takes round trips (Redis) runs its
@@ -44,7 +44,7 @@ pub(super) enum Next {
     Done,
 }
 
-/// Things to drop or tell once the table's mutex is released: closing a
+/// Things to drop or tell once the shard's mutex is released: closing a
 /// descriptor or a connection is not done under it.
 #[derive(Default)]
 pub(super) struct After {
@@ -80,7 +80,7 @@ impl LockTable {
     pub(super) fn pump(&self, key: &Key, mut handoff: bool) {
         loop {
             let (job, own_note) = {
-                let mut st = self.state();
+                let mut st = self.shard(key);
                 let backend = self.shared.kinds.get(&key.1).map(Box::as_ref);
                 match next_job(&mut st, key, backend, handoff) {
                     Some(picked) => picked,
@@ -92,7 +92,7 @@ impl LockTable {
             let outcome = self.attempt(key, &job);
             let mut after = After::default();
             let next = {
-                let mut st = self.state();
+                let mut st = self.shard(key);
                 self.conclude(&mut st, key, &job, outcome, &mut after)
             };
             after.finish();
@@ -102,7 +102,7 @@ impl LockTable {
         }
     }
 
-    /// Tries to take the lock for `job`, without the table's mutex.
+    /// Tries to take the lock for `job`, without the shard's mutex.
     pub(super) fn attempt(&self, key: &Key, job: &Job) -> Outcome {
         let Some(kind) = self.shared.kinds.get(&key.1) else {
             return Outcome::Failed(self.not_served(key.1));
@@ -156,7 +156,7 @@ impl LockTable {
     /// lock is left to another process; a lock left idle is forgotten.
     pub(super) fn conclude(
         &self,
-        st: &mut State,
+        st: &mut Shard,
         key: &Key,
         job: &Job,
         outcome: Outcome,
@@ -168,14 +168,14 @@ impl LockTable {
             Next::Yielded => self.ensure_retry(st, key, Some(YIELD_POLL)),
             Next::Again | Next::Done => {}
         }
-        forget_if_idle(st, key);
+        self.forget_if_idle(st, key);
         next
     }
 
     /// Applies the outcome of the attempt for `job`, under the mutex.
     pub(super) fn commit(
         &self,
-        st: &mut State,
+        st: &mut Shard,
         key: &Key,
         job: &Job,
         outcome: Outcome,
@@ -369,7 +369,7 @@ impl LockTable {
             Err(err) => Outcome::Failed(err),
         };
         let mut after = After::default();
-        let mut st = self.state();
+        let mut st = self.shard(key);
         let current = st
             .locks
             .get(key)
@@ -391,12 +391,11 @@ impl LockTable {
 
     /// Makes sure a task retries `key` while an outside holder blocks it.
     /// `delay`: when to retry (default: the lock's backoff, which grows).
-    pub(super) fn ensure_retry(&self, st: &mut State, key: &Key, delay: Option<Duration>) {
-        let task_id = st.next_id;
+    pub(super) fn ensure_retry(&self, st: &mut Shard, key: &Key, delay: Option<Duration>) {
         let Some(lock) = st.locks.get_mut(key).filter(|l| l.retry_task == 0) else {
             return;
         };
-        st.next_id += 1;
+        let task_id = self.new_id();
         lock.retry_task = task_id;
         // While this process announces its waiters, it polls faster.
         let cap = if lock.announced.is_some() {
@@ -415,7 +414,7 @@ impl LockTable {
             };
             let table = LockTable { shared };
             {
-                let mut st = table.state();
+                let mut st = table.shard(&key);
                 match st.locks.get_mut(&key) {
                     Some(lock) if lock.retry_task == task_id => lock.retry_task = 0,
                     _ => return,
@@ -432,7 +431,7 @@ impl LockTable {
 /// process's own announcement comes back too, to be withdrawn before the
 /// attempt looks for others'.
 fn next_job(
-    st: &mut State,
+    st: &mut Shard,
     key: &Key,
     backend: Option<&dyn Backend>,
     handoff: bool,

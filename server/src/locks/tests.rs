@@ -377,6 +377,86 @@ async fn an_announcement_ends_with_the_waiter_it_was_for() {
     drop((a0, b1));
 }
 
+/// Names spread over the shards: pages come in name order with each lock
+/// once, the counts and the caps cover every shard, and a holder is found
+/// by id wherever it is.
+#[tokio::test]
+async fn pages_counts_and_caps_span_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_locks: 120,
+        max_holds: 121,
+        ..Limits::default()
+    };
+    let t = table(dir.path(), limits);
+    assert!(t.shared.shards.len() >= 8);
+    let mut names: Vec<String> = (0..120)
+        .map(|i| format!("n/{:03}", (i * 37) % 120))
+        .collect();
+    let mut tickets: Vec<Ticket> = names
+        .iter()
+        .map(|name| t.acquire(req(name, Mode::Exclusive)).unwrap())
+        .collect();
+    names.sort();
+    let used: std::collections::HashSet<usize> = names
+        .iter()
+        .map(|n| t.shared.hasher.hash_one(n.as_str()) as usize & (t.shared.shards.len() - 1))
+        .collect();
+    assert!(used.len() > 1, "the names all landed in one shard");
+    // Paged by 7, with a cursor, in order.
+    let mut seen = Vec::new();
+    let mut after: Option<(String, Kind)> = None;
+    loop {
+        let cursor = after.as_ref().map(|(n, k)| (n.as_str(), *k));
+        let page = t.list(None, "n/", cursor, 7, &Detail::LIST);
+        assert!(page.locks.len() <= 7);
+        seen.extend(page.locks.iter().map(|l| l.name.clone()));
+        if !page.more {
+            break;
+        }
+        let last = page.locks.last().expect("a page with more is not empty");
+        after = Some((last.name.clone(), last.kind));
+    }
+    assert_eq!(seen, names);
+    // A byte budget that one lock exhausts gives pages of one.
+    let tight = Detail {
+        byte_budget: 1,
+        ..Detail::LIST
+    };
+    let page = t.list(None, "n/", None, 50, &tight);
+    assert_eq!((page.locks.len(), page.more), (1, true));
+    assert_eq!(page.locks[0].name, names[0]);
+    let totals = t.totals("");
+    assert_eq!(
+        (totals.locks, totals.holders, totals.holds),
+        (120, 120, 120)
+    );
+    assert_eq!(t.totals("n/00").locks, 10);
+    // The caps count every shard.
+    assert!(matches!(
+        t.acquire(req("other", Mode::Exclusive)),
+        Err(LockError::TooManyLocks { cap: 120 })
+    ));
+    let mut waiter = t.acquire(req(&names[5], Mode::Exclusive)).unwrap();
+    assert!(matches!(
+        t.acquire(req(&names[6], Mode::Exclusive)),
+        Err(LockError::TooManyHolds { cap: 121 })
+    ));
+    // Revoke by id finds the holder in its shard; its waiter gets it.
+    let holder = tickets.iter_mut().find(|tk| tk.name() == names[5]).unwrap();
+    let id = holder.id();
+    assert_eq!(t.holder_lock(id), Some((names[5].clone(), Kind::File)));
+    assert!(t.revoke(Kind::File, &names[5], id, LostReason::Revoked, "test"));
+    assert!(granted(&mut waiter).is_some());
+    drop(waiter);
+    drop(tickets);
+    let totals = t.totals("");
+    assert_eq!((totals.locks, totals.holders, totals.holds), (0, 0, 0));
+    assert_eq!(t.shared.tracked.load(Ordering::Relaxed), 0);
+    // With every lock forgotten, the cap admits new names again.
+    let _fresh = t.acquire(req("other", Mode::Exclusive)).unwrap();
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {

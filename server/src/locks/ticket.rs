@@ -41,7 +41,7 @@ impl Ticket {
     /// the lock has at this moment.
     pub fn time_out(self, waited: Duration) -> LockError {
         let err = {
-            let st = self.table.state();
+            let st = self.table.shard(&self.key);
             match st.locks.get(&self.key) {
                 Some(lock) => not_acquired(&self.key, lock, waited),
                 None => LockError::NotAcquired {
@@ -61,7 +61,7 @@ impl Ticket {
     /// backend meanwhile (the holder must be told `Lost`, not `Released`).
     pub async fn release(mut self) -> Result<(), Notice> {
         let confirm = {
-            let st = self.table.state();
+            let st = self.table.shard(&self.key);
             st.locks.get(&self.key).and_then(|lock| {
                 lock.holders
                     .iter()

@@ -331,7 +331,7 @@ pub enum EventKind {
     Abandoned { waited: Duration },
 }
 
-/// Sees every [`Event`] as it happens, under the table's mutex: it must be
+/// Sees every [`Event`] as it happens, under the event lock: it must be
 /// quick and must not call back into the table. Metrics use it, because a
 /// broadcast subscriber can fall behind and miss events.
 pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;

@@ -5,12 +5,13 @@
 //! at most so many locks, each lock at most so many holders and waiters
 //! (with their totals, so a reader knows what was left out), and stops
 //! early once its estimated size reaches a byte budget. The work done under
-//! the table's mutex is bounded by the page, not by the table.
+//! a shard's mutex is bounded by the page, not by the table.
 
-use super::{Key, Kind, Lock, Mode};
+use super::{Key, Kind, Lock, LockTable, Mode, Totals};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 /// A read-only view of one lock.
@@ -117,38 +118,28 @@ pub(super) fn under<'a>(
         .take_while(move |((name, _), _)| name.starts_with(prefix))
 }
 
-pub(super) fn page(
+/// The first `max` keys, in order, of the locks after `after` whose name
+/// starts with `prefix` (and of `kind`, if given): one shard's share of a
+/// page. Cloning a key is a reference count, so the work under a shard's
+/// mutex is bounded by the page, not by the table.
+pub(super) fn keys(
     locks: &BTreeMap<Key, Lock>,
     kind: Option<Kind>,
     prefix: &str,
     after: Option<(&str, Kind)>,
-    limit: usize,
-    detail: &Detail,
-) -> Page {
+    max: usize,
+) -> Vec<Key> {
     let start = match after {
         Some((name, kind)) if name >= prefix => Bound::Excluded((Arc::<str>::from(name), kind)),
         _ => Bound::Included((Arc::<str>::from(prefix), Kind::ALL[0])),
     };
-    let mut page = Page::default();
-    let mut spent = 0;
-    let matching = locks
+    locks
         .range((start, Bound::Unbounded))
         .take_while(|((name, _), _)| name.starts_with(prefix))
-        .filter(|((_, k), _)| kind.is_none_or(|want| *k == want));
-    for (key, lock) in matching {
-        if page.locks.len() >= limit || (spent >= detail.byte_budget && !page.locks.is_empty()) {
-            page.more = true;
-            break;
-        }
-        let budget = Detail {
-            byte_budget: detail.byte_budget.saturating_sub(spent),
-            ..detail.clone()
-        };
-        let (view, used) = view_costed(key, lock, &budget);
-        spent += used;
-        page.locks.push(view);
-    }
-    page
+        .filter(|((_, k), _)| kind.is_none_or(|want| *k == want))
+        .take(max)
+        .map(|(key, _)| key.clone())
+        .collect()
 }
 
 pub(super) fn view(key: &Key, lock: &Lock, detail: &Detail) -> LockView {
@@ -156,7 +147,7 @@ pub(super) fn view(key: &Key, lock: &Lock, detail: &Detail) -> LockView {
 }
 
 /// The view of one lock within `detail`, and the bytes it costs.
-fn view_costed(key: &Key, lock: &Lock, detail: &Detail) -> (LockView, usize) {
+pub(super) fn view_costed(key: &Key, lock: &Lock, detail: &Detail) -> (LockView, usize) {
     let mut spent = 100 + key.0.len();
     let mut holders = Vec::new();
     for h in lock.holders.iter().take(detail.max_holders) {
@@ -205,4 +196,97 @@ fn view_costed(key: &Key, lock: &Lock, detail: &Detail) -> (LockView, usize) {
         waiters_total: lock.waiters.len(),
     };
     (view, spent)
+}
+
+impl LockTable {
+    /// A page of the locks with holders or waiters whose name starts with
+    /// `prefix` (and of `kind`, if given), in (name, kind) order, after the
+    /// lock `after`: at most `limit` locks, and fewer when their details
+    /// reach `detail.byte_budget`.
+    pub fn list(
+        &self,
+        kind: Option<Kind>,
+        prefix: &str,
+        after: Option<(&str, Kind)>,
+        limit: usize,
+        detail: &Detail,
+    ) -> Page {
+        // The first `limit + 1` matching keys of each shard, merged: the
+        // page's keys and whether more follow. Then each lock is viewed
+        // under its own shard's mutex (one that ended meanwhile is gone).
+        let mut found: Vec<Key> = Vec::new();
+        for st in self.each_shard() {
+            found.extend(keys(
+                &st.locks,
+                kind,
+                prefix,
+                after,
+                limit.saturating_add(1),
+            ));
+        }
+        found.sort_unstable();
+        let mut page = Page::default();
+        let mut spent = 0;
+        for key in found {
+            if page.locks.len() >= limit || (spent >= detail.byte_budget && !page.locks.is_empty())
+            {
+                page.more = true;
+                break;
+            }
+            let budget = Detail {
+                byte_budget: detail.byte_budget.saturating_sub(spent),
+                ..detail.clone()
+            };
+            let st = self.shard(&key);
+            if let Some(lock) = st.locks.get(&key) {
+                let (view, used) = view_costed(&key, lock, &budget);
+                spent += used;
+                page.locks.push(view);
+            }
+        }
+        page
+    }
+
+    /// One lock, if it has holders or waiters, with at most what `detail`
+    /// allows of its holders and waiters.
+    pub fn get(&self, kind: Kind, name: &str, detail: &Detail) -> Option<LockView> {
+        let key: Key = (Arc::from(name), kind);
+        let st = self.shard(&key);
+        st.locks.get(&key).map(|lock| view(&key, lock, detail))
+    }
+
+    /// The lock that holder `id` holds, as (name, kind). Looks through
+    /// every lock: for an administrator's revoke by id.
+    pub fn holder_lock(&self, id: u64) -> Option<(String, Kind)> {
+        self.each_shard().find_map(|st| {
+            st.locks
+                .iter()
+                .find(|(_, lock)| lock.holders.iter().any(|h| h.entry.id == id))
+                .map(|((name, kind), _)| (name.to_string(), *kind))
+        })
+    }
+
+    /// Counts, for server info and metrics; `prefix` limits them to the
+    /// names starting with it.
+    pub fn totals(&self, prefix: &str) -> Totals {
+        let mut totals = Totals {
+            holds: if prefix.is_empty() {
+                self.shared.holds.load(Ordering::Acquire)
+            } else {
+                0
+            },
+            ..Totals::default()
+        };
+        for st in self.each_shard() {
+            for (_, lock) in under(&st.locks, prefix) {
+                totals.locks += 1;
+                totals.holders += lock.holders.len();
+                totals.waiters += lock.waiters.len();
+            }
+        }
+        if !prefix.is_empty() {
+            totals.holds = totals.holders + totals.waiters;
+        }
+        totals
+    }
 }
