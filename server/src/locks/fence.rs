@@ -24,6 +24,25 @@
 //! flock on its own file in `.padlock/instances/` for as long as it runs
 //! ([`Fences::others_alive`]).
 //!
+//! **Fences are leased in blocks.** A counter file holds the highest fence
+//! reserved for its name, not the last one handed out. A process that
+//! finds the file still at the end of its own last reservation (no other
+//! process has drawn since) hands out the next fence of that block from
+//! memory: a grant then costs the counter's open, flock, read and close,
+//! and no write. Otherwise it reserves a new block (read, write the block's
+//! end) and starts handing out from it. The checks run under the
+//! counter's exclusive flock, and every process reserves above what the
+//! file says, so fences stay strictly increasing across processes: a
+//! process that drew after another's reservation drew above that block,
+//! and the first process, seeing the file moved, reserves above it in
+//! turn. Blocks start at one fence after another process has written
+//! (processes that take turns write once per grant, as before) and double
+//! while this process stays the only one drawing, up to [`LEASE_MAX`].
+//! Fences left unused in a block are skipped, never handed out later.
+//! The leases live in a fixed table of [`LEASE_SLOTS`] slots by name, so
+//! their memory does not grow with the names; a name whose slot was taken
+//! by another simply reserves again.
+//!
 //! Writing without `fsync` keeps a grant at a few microseconds; the page
 //! cache survives a crash of padlockd, but not of the machine. For that,
 //! every start bumps a **generation** in `.padlock/generation` and fsyncs
@@ -35,6 +54,7 @@ use crate::fds::{Descriptors, FdToken};
 use crate::fs::{OpenError, Root};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, flock};
 use rustix::io::Errno;
+use std::hash::BuildHasher;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -65,6 +85,25 @@ pub enum FenceError {
     Io(#[from] io::Error),
 }
 
+/// The largest block of fences one reservation takes: with one process on
+/// a directory, one counter write per this many grants of a name.
+pub const LEASE_MAX: u64 = 1024;
+
+/// Slots of the lease table (a power of two).
+pub const LEASE_SLOTS: usize = 1024;
+
+/// A block of fences this process reserved for one name: the `left`
+/// fences up to `end` are still to be handed out; `grow` is the size of
+/// the block.
+#[derive(Debug)]
+struct Lease {
+    kind: String,
+    name: Box<str>,
+    end: u64,
+    left: u64,
+    grow: u64,
+}
+
 /// How long a look at the other instances is trusted.
 const INSTANCES_FRESH: Duration = Duration::from_secs(1);
 
@@ -83,6 +122,10 @@ pub struct Fences {
     base: Instant,
     /// Announcements are descriptors too.
     fds: Arc<Descriptors>,
+    /// Blocks of fences reserved by this process, by a hash of the name;
+    /// read and changed only under the name's counter flock.
+    leases: Box<[std::sync::Mutex<Option<Lease>>]>,
+    hasher: std::hash::RandomState,
 }
 
 /// This process's announcement of a blocked waiter; withdrawn on drop.
@@ -130,6 +173,8 @@ impl Fences {
             looked: AtomicU64::new(0),
             base: Instant::now(),
             fds,
+            leases: (0..LEASE_SLOTS).map(|_| Default::default()).collect(),
+            hasher: std::hash::RandomState::new(),
         })
     }
 
@@ -218,14 +263,55 @@ impl Fences {
     /// The next fence for `kind`/`name`: strictly above every fence handed
     /// out for it before, by this or any other process on this directory.
     /// Never blocks.
+    ///
+    /// From this process's block when the counter file still ends it (see
+    /// the module's docs), otherwise from a new block reserved above the
+    /// file's number.
     pub fn next(&self, kind: &str, name: &str) -> Result<u64, FenceError> {
         let fd = self.root.open_file(
             &format!("{kind}/{}", counter_path(name)),
             OFlags::RDWR,
             PRIVATE_FILE,
         )?;
+        lock_counter(&fd)?;
+        // Under the counter's flock: no other draw of this name, in this
+        // process or another, runs until `fd` is closed.
+        let (last, len) = read_counter(&fd)?;
+        let slot = &self.leases[self.hasher.hash_one((kind, name)) as usize % LEASE_SLOTS];
+        let mut lease = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = lease
+            .as_mut()
+            .filter(|l| l.kind == kind && *l.name == *name && l.end == last);
+        if let Some(l) = mine
+            && l.left > 0
+        {
+            l.left -= 1;
+            return Ok(l.end - l.left);
+        }
+        // A new block: one fence when another process drew last (or the
+        // name is new here), twice the last block while this one draws
+        // alone.
+        let grow = match &*lease {
+            Some(l) if l.kind == kind && *l.name == *name && l.end == last => {
+                (l.grow * 2).min(LEASE_MAX)
+            }
+            _ => 1,
+        };
         let floor = self.generation << GENERATION_SHIFT;
-        update_locked(&fd, |last| last.saturating_add(1).max(floor), false)
+        let start = last.saturating_add(1).max(floor);
+        let end = start.saturating_add(grow - 1);
+        // Forget the old block before writing: if the write fails, the next
+        // draw finds the file unchanged and no block to hand out from.
+        *lease = None;
+        write_counter(&fd, end, len, false)?;
+        *lease = Some(Lease {
+            kind: kind.to_string(),
+            name: name.into(),
+            end,
+            left: end - start,
+            grow,
+        });
+        Ok(start)
     }
 }
 
@@ -242,10 +328,20 @@ pub fn counter_path(name: &str) -> String {
 /// decimal number in the file (0 when empty) with `f(number)` and returns
 /// the new number. The flock ends when `fd` is closed.
 fn update_locked(fd: &OwnedFd, f: impl FnOnce(u64) -> u64, sync: bool) -> Result<u64, FenceError> {
+    lock_counter(fd)?;
+    let (last, len) = read_counter(fd)?;
+    let next = f(last);
+    write_counter(fd, next, len, sync)?;
+    Ok(next)
+}
+
+/// Takes the exclusive flock on a counter, tried without blocking (another
+/// padlockd holds it for microseconds); `Busy` when it stays taken.
+fn lock_counter(fd: &OwnedFd) -> Result<(), FenceError> {
     let mut tries = 0;
     loop {
         match flock(fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => break,
+            Ok(()) => return Ok(()),
             Err(Errno::WOULDBLOCK) if tries < COUNTER_TRIES => {
                 tries += 1;
                 std::thread::yield_now();
@@ -254,11 +350,10 @@ fn update_locked(fd: &OwnedFd, f: impl FnOnce(u64) -> u64, sync: bool) -> Result
             Err(e) => return Err(FenceError::Io(e.into())),
         }
     }
-    // Owned counters are 0600; older versions made them 0644.
-    let stat = rustix::fs::fstat(fd).map_err(io::Error::from)?;
-    if stat.st_mode & 0o077 != 0 {
-        rustix::fs::fchmod(fd, PRIVATE_FILE).map_err(io::Error::from)?;
-    }
+}
+
+/// The number in a counter file (0 when empty) and the file's length.
+fn read_counter(fd: &OwnedFd) -> Result<(u64, usize), FenceError> {
     // A counter is at most 20 digits and a newline.
     let mut buf = [0u8; 32];
     let read = rustix::io::pread(fd, &mut buf, 0).map_err(io::Error::from)?;
@@ -272,19 +367,32 @@ fn update_locked(fd: &OwnedFd, f: impl FnOnce(u64) -> u64, sync: bool) -> Result
             )
         })?,
     };
-    let next = f(last);
-    let bytes = format!("{next}\n");
+    Ok((last, read))
+}
+
+/// Writes `value` as the counter's number, over `old_len` bytes of what
+/// was there. Numbers only grow, so the file is cut only when it held more
+/// than a number (an older format, or a hand edit).
+fn write_counter(fd: &OwnedFd, value: u64, old_len: usize, sync: bool) -> Result<(), FenceError> {
+    // Owned counters are 0600; older versions made them 0644.
+    let stat = rustix::fs::fstat(fd).map_err(io::Error::from)?;
+    if stat.st_mode & 0o077 != 0 {
+        rustix::fs::fchmod(fd, PRIVATE_FILE).map_err(io::Error::from)?;
+    }
+    let bytes = format!("{value}\n");
     let written = rustix::io::pwrite(fd, bytes.as_bytes(), 0).map_err(io::Error::from)?;
     if written != bytes.len() {
         return Err(
             io::Error::new(io::ErrorKind::WriteZero, "short write to a counter file").into(),
         );
     }
-    rustix::fs::ftruncate(fd, bytes.len() as u64).map_err(io::Error::from)?;
+    if old_len > bytes.len() || stat.st_size as u64 > bytes.len() as u64 {
+        rustix::fs::ftruncate(fd, bytes.len() as u64).map_err(io::Error::from)?;
+    }
     if sync {
         rustix::fs::fsync(fd).map_err(io::Error::from)?;
     }
-    Ok(next)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -321,6 +429,96 @@ mod tests {
             c.next("semaphore", "x/y").unwrap(),
             c.generation() << GENERATION_SHIFT
         );
+    }
+
+    fn counter(dir: &std::path::Path, name: &str) -> u64 {
+        let path = dir.join(".padlock/fences/file").join(counter_path(name));
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_process_draws_from_growing_blocks_without_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path());
+        let first = a.next("file", "n").unwrap();
+        assert_eq!(first, a.generation() << GENERATION_SHIFT);
+        let mut last = first;
+        let mut writes = 0;
+        let mut file = counter(dir.path(), "n");
+        for _ in 0..5000 {
+            let f = a.next("file", "n").unwrap();
+            assert_eq!(f, last + 1, "consecutive while alone");
+            last = f;
+            let now = counter(dir.path(), "n");
+            assert!(
+                now >= f,
+                "the file ({now}) is at or above every fence handed out ({f})"
+            );
+            if now != file {
+                writes += 1;
+                file = now;
+            }
+        }
+        // Blocks of 1, 2, 4 ... 1024: a handful of writes, not 5000.
+        assert!(writes <= 16, "{writes} counter writes for 5000 fences");
+    }
+
+    #[test]
+    fn processes_taking_turns_stay_strictly_increasing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = [open(dir.path()), open(dir.path()), open(dir.path())];
+        let mut last = std::collections::HashMap::new();
+        // A fixed pseudo-random order of draws: runs of one process, turns,
+        // and several names, so blocks are reserved, grown and abandoned.
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..6000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let p = &ps[(x % 3) as usize];
+            let name = ["a", "b", "c/d"][(x >> 8) as usize % 3];
+            let runs = 1 + (x >> 16) % 40;
+            for _ in 0..runs {
+                let f = p.next("file", name).unwrap();
+                let before = last.insert(name, f).unwrap_or(0);
+                assert!(f > before, "{name}: {f} after {before}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_process_that_writes_each_grant_is_not_overtaken() {
+        // An older padlockd on the same directory adds one per grant.
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path());
+        let mut last = 0;
+        for _ in 0..100 {
+            last = a.next("file", "n").unwrap();
+        }
+        let path = dir.path().join(".padlock/fences/file/n.fence");
+        let other = counter(dir.path(), "n") + 1;
+        std::fs::write(&path, format!("{other}\n")).unwrap();
+        let f = a.next("file", "n").unwrap();
+        assert!(f > other && f > last, "{f} after {other} and {last}");
+    }
+
+    #[test]
+    fn more_names_than_lease_slots_stay_strictly_increasing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path());
+        let names: Vec<String> = (0..LEASE_SLOTS * 2 + 7).map(|i| format!("n{i}")).collect();
+        let mut last = vec![0u64; names.len()];
+        for round in 0..3 {
+            for (i, name) in names.iter().enumerate() {
+                let f = a.next("file", name).unwrap();
+                assert!(f > last[i], "{name} round {round}: {f} after {}", last[i]);
+                last[i] = f;
+            }
+        }
     }
 
     #[test]
