@@ -16,7 +16,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
 
 /// Initial buffer size per stream and direction.
-pub const BUFFER_BYTES: usize = 256;
+pub const BUFFER_BYTES: usize = 64;
 /// Encoded bytes after which a streaming encoder yields (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 

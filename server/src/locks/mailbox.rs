@@ -4,19 +4,24 @@
 //! then Lost or Failed), but may live for days, and a server holds tens of
 //! thousands of them. tokio's mpsc channels allocate a block of 32 slots per
 //! channel up front (kilobytes per ticket); this mailbox costs an `Arc` with
-//! an empty `VecDeque` and a `Notify` until something is sent.
+//! an empty `VecDeque` and a waker slot until something is sent, and
+//! waiting on it is a poll, so the future of a held lock carries no waiter
+//! node (a `Notify` waiter is a few hundred bytes of every held lock's
+//! future).
 
 use super::Notice;
+use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
 
 struct Inner {
     queue: Mutex<VecDeque<Notice>>,
     /// The sender is gone: nothing more will arrive.
     closed: AtomicBool,
-    notify: Notify,
+    /// The receiver's task, woken by a send or the close.
+    waker: AtomicWaker,
 }
 
 /// The table's end. Dropping it closes the mailbox.
@@ -29,7 +34,7 @@ pub fn mailbox() -> (Sender, Receiver) {
     let inner = Arc::new(Inner {
         queue: Mutex::new(VecDeque::new()),
         closed: AtomicBool::new(false),
-        notify: Notify::new(),
+        waker: AtomicWaker::new(),
     });
     (Sender(inner.clone()), Receiver(inner))
 }
@@ -48,9 +53,9 @@ impl Sender {
             return Err(notice);
         }
         self.0.queue().push_back(notice);
-        // notify_one stores a permit when nobody waits, so a receiver that
-        // checks the queue and then waits cannot miss this.
-        self.0.notify.notify_one();
+        // The receiver registers its waker before it looks at the queue
+        // for the last time, so it cannot miss this.
+        self.0.waker.wake();
         Ok(())
     }
 }
@@ -58,28 +63,52 @@ impl Sender {
 impl Drop for Sender {
     fn drop(&mut self) {
         self.0.closed.store(true, Ordering::Release);
-        self.0.notify.notify_one();
+        self.0.waker.wake();
     }
 }
 
 impl Receiver {
     /// The next notice; `None` once the sender is gone and all was read.
     pub async fn recv(&mut self) -> Option<Notice> {
-        loop {
-            if let Some(notice) = self.try_recv() {
-                return Some(notice);
-            }
-            if self.0.closed.load(Ordering::Acquire) {
-                // A send may have raced with the close: look once more.
-                return self.try_recv();
-            }
-            self.0.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next notice; see [`Receiver::recv`].
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Notice>> {
+        if let Some(notice) = self.look() {
+            return Poll::Ready(notice);
         }
+        self.0.waker.register(cx.waker());
+        // Looked again after registering: a send or close in between woke
+        // the waker just registered, or is seen here.
+        match self.look() {
+            Some(notice) => Poll::Ready(notice),
+            None => Poll::Pending,
+        }
+    }
+
+    /// `Some(answer)` when `recv` has one now: a notice, or `None` once
+    /// the sender is gone and all was read.
+    fn look(&mut self) -> Option<Option<Notice>> {
+        if let Some(notice) = self.try_recv() {
+            return Some(Some(notice));
+        }
+        if self.0.closed.load(Ordering::Acquire) {
+            // A send may have raced with the close: look once more.
+            return Some(self.try_recv());
+        }
+        None
     }
 
     /// The next notice if one is waiting.
     pub fn try_recv(&mut self) -> Option<Notice> {
-        self.0.queue().pop_front()
+        let mut queue = self.0.queue();
+        let notice = queue.pop_front();
+        // A ticket lives long and gets a notice or two: no room kept.
+        if queue.is_empty() && queue.capacity() > 0 {
+            *queue = VecDeque::new();
+        }
+        notice
     }
 }
 

@@ -162,6 +162,16 @@ impl Lock {
         }
     }
 
+    /// Takes the head of the queue. An emptied queue gives its room back:
+    /// a held lock with nobody waiting keeps no spare slots.
+    fn pop_head(&mut self) -> Entry {
+        let head = self.waiters.pop_front().expect("head exists");
+        if self.waiters.is_empty() {
+            self.waiters = VecDeque::new();
+        }
+        head
+    }
+
     fn is_idle(&self) -> bool {
         self.holders.is_empty() && self.waiters.is_empty() && self.attempt.is_none()
     }

@@ -218,7 +218,7 @@ impl LockTable {
         }
         match outcome {
             Outcome::Taken(held, fence) if is_head && held.is_alive() => {
-                let entry = lock.waiters.pop_front().expect("head exists");
+                let entry = lock.pop_head();
                 lock.backoff = RETRY_FIRST;
                 lock.yield_until = None;
                 if let Some(note) = lock.announced.take() {
@@ -306,12 +306,15 @@ impl LockTable {
             waited,
         };
         self.emit(key, entry.id, what);
+        // Most locks have one holder: room for exactly one at first.
+        lock.holders
+            .reserve_exact(usize::from(lock.holders.capacity() == 0));
         lock.holders.push(Holder { entry, fence, held });
     }
 
     /// Removes the head of the queue with `err`.
     pub(super) fn fail_head(&self, key: &Key, lock: &mut Lock, err: LockError, after: &mut After) {
-        let waiter = lock.waiters.pop_front().expect("head exists");
+        let waiter = lock.pop_head();
         if let Some(note) = lock.announced.take() {
             after.close.push(note);
         }

@@ -94,18 +94,18 @@ impl Session {
             // A try-lock is answered by its one attempt, not by a timer;
             // a granted lock has no deadline.
             let deadline = ticket.deadline().filter(|_| !self.granted);
-            let expired = async move {
-                match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let notice = tokio::select! {
-                notice = ticket.notices.recv() => notice,
-                () = expired => {
-                    let ticket = self.ticket.take()?;
-                    return Some(Step::Failed(ticket.time_out(self.wait)));
-                }
+            // The timer is boxed: it exists only while a waiter has a
+            // deadline, not in the future of every held lock.
+            let expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+            let notice = match expired {
+                None => ticket.notices.recv().await,
+                Some(expired) => tokio::select! {
+                    notice = ticket.notices.recv() => notice,
+                    () = expired => {
+                        let ticket = self.ticket.take()?;
+                        return Some(Step::Failed(ticket.time_out(self.wait)));
+                    }
+                },
             };
             match notice {
                 Some(Notice::Queued { position, holders }) if !self.granted => {
@@ -118,8 +118,11 @@ impl Session {
                     return Some(Step::Granted(grant));
                 }
                 Some(Notice::Lost { reason, detail }) => {
-                    self.ticket = None;
-                    tracing::info!(?reason, %detail, "lost");
+                    if let Some(ticket) = self.ticket.take() {
+                        let (name, id) = (printable(ticket.name()), ticket.id());
+                        let kind = ticket.kind().as_str();
+                        tracing::info!(%name, id, kind, ?reason, %detail, "lost");
+                    }
                     return Some(Step::Lost { reason, detail });
                 }
                 Some(Notice::Failed(err)) => {
@@ -163,10 +166,12 @@ impl Session {
             drop(ticket);
             return Released::Released;
         }
+        let (name, id) = (printable(ticket.name()), ticket.id());
+        let kind = ticket.kind().as_str();
         match ticket.release().await {
             Ok(()) => Released::Released,
             Err(Notice::Lost { reason, detail }) => {
-                tracing::info!(?reason, %detail, "lost before its release");
+                tracing::info!(%name, id, kind, ?reason, %detail, "lost before its release");
                 Released::Lost { reason, detail }
             }
             Err(_) => Released::Over,

@@ -379,7 +379,7 @@ async fn held_memory(
     let during = client.server_info().await.map_err(err)?;
     let grown = during.rss_bytes.saturating_sub(before.rss_bytes);
     println!(
-        "\nserver RSS: {:.1} MiB idle, {:.1} MiB with {} locks held ({} held per the server): {:.2} KiB per held lock (target <= 8 KiB)",
+        "\nserver RSS: {:.1} MiB idle, {:.1} MiB with {} locks held ({} held per the server): {:.2} KiB per held lock (target <= 4 KiB)",
         before.rss_bytes as f64 / 1048576.0,
         during.rss_bytes as f64 / 1048576.0,
         guards.len(),
