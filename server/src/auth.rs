@@ -56,7 +56,7 @@ impl Scope {
         format!(
             "this client token may only use lock names starting with '{}'; '{}' does not",
             self.prefix.as_deref().unwrap_or(""),
-            crate::locks::name::printable(name)
+            crate::name::printable(name)
         )
     }
 }

@@ -13,7 +13,7 @@
 //! for every allowed connection when the limit is large, a quarter of the
 //! descriptors when it is not, and never less than 256.
 
-use crate::locks::LockError;
+use crate::error::LockError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

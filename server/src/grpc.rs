@@ -5,11 +5,11 @@
 //! ([`status`]).
 
 use crate::auth::Scope;
-use crate::locks::name::printable;
 use crate::locks::{
     AcquireRequest, Detail, Grant, HolderView, Kind, LockError, LockTable, LockView, LostReason,
     Mode, Released, Session, Step, WaiterView,
 };
+use crate::name::printable;
 use padlock_proto::v1 as pb;
 use pb::hold_request::Msg as In;
 use pb::hold_response::Msg as Out;

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod config;
 mod connections;
+pub mod error;
 pub mod fds;
 pub mod fs;
 pub mod grpc;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod kinds;
 pub mod locks;
 pub mod metrics;
+pub mod name;
 mod origin;
 mod refusal;
 mod serve;

@@ -69,7 +69,7 @@ pub fn check<B>(request: &Request<B>, hosts: Option<&Hosts>) -> Result<(), Refus
         return Err(refused(format!(
             "host '{}' is not served: padlockd listens on a loopback address and accepts only \
              loopback names (add others with --allowed-hosts)",
-            crate::locks::name::printable(host)
+            crate::name::printable(host)
         )));
     }
     let safe = matches!(

@@ -141,13 +141,13 @@ async fn build_table(
         dir: shown.clone(),
         err,
     })?);
-    let state_dir = lock_dir.join(crate::locks::name::RESERVED_DIR);
+    let state_dir = lock_dir.join(crate::name::RESERVED_DIR);
     let state_error = |err| StartError::State {
         dir: state_dir.display().to_string(),
         err,
     };
     let state = root
-        .private_subdir(crate::locks::name::RESERVED_DIR)
+        .private_subdir(crate::name::RESERVED_DIR)
         .map_err(state_error)?;
     let fences = Fences::open(&state, fds.clone()).map_err(state_error)?;
     drop(state);

@@ -44,7 +44,7 @@ pub use stats::Facts;
 
 use crate::auth::{ClientTokens, Scope};
 use crate::locks::LockTable;
-use crate::locks::name::printable;
+use crate::name::printable;
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

@@ -8,9 +8,10 @@
 //! deleted: deleting a lock file that someone else has open breaks flock.
 
 use super::{Attempt, Backend, Held, Request};
+use crate::error::LockError;
 use crate::fds::{Descriptors, FdToken};
 use crate::fs::{OpenError, Root};
-use crate::locks::{LockError, Mode};
+use padlock_proto::Mode;
 use rustix::fs::{FlockOperation, OFlags, flock};
 use rustix::io::Errno;
 use std::os::fd::OwnedFd;
@@ -78,14 +79,14 @@ pub fn try_flock(
         Err(Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(LockError::Backend(format!(
             "flock on '{}' failed: {e}",
-            crate::locks::name::printable(rel)
+            crate::name::printable(rel)
         ))),
     }
 }
 
 /// Maps an error from opening a lock file to what the client is told.
 fn open_error(rel: &str, err: OpenError, fds: &Descriptors) -> LockError {
-    let name = crate::locks::name::printable(rel);
+    let name = crate::name::printable(rel);
     match err {
         OpenError::Symlink | OpenError::NotRegular(_) | OpenError::Clash(_) => {
             LockError::InvalidName {

@@ -10,7 +10,8 @@ pub mod file;
 pub mod redis;
 pub mod semaphore;
 
-use crate::locks::{Kind, LockError, Mode};
+use crate::error::LockError;
+use padlock_proto::{Kind, Mode};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;

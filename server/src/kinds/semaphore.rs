@@ -8,9 +8,10 @@
 
 use super::file::try_flock;
 use super::{Attempt, Backend, Held, Holders, Request};
+use crate::error::LockError;
 use crate::fds::Descriptors;
 use crate::fs::Root;
-use crate::locks::{Kind, LockError, Mode};
+use padlock_proto::{Kind, Mode};
 use rustix::fs::FlockOperation;
 use std::sync::Arc;
 
@@ -81,7 +82,7 @@ impl Backend for SemaphoreKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::locks::Mode;
+    use padlock_proto::Mode;
 
     #[test]
     fn slot_files_match_portalocker() {

@@ -47,7 +47,7 @@
 mod admit;
 pub mod fence;
 mod mailbox;
-pub mod name;
+use crate::name;
 mod queue;
 mod session;
 mod ticket;

@@ -6,10 +6,11 @@ use super::Inner;
 use super::election::{self, Decision, Verdict};
 use super::participant::{HeldSubscription, Membership, Participant, answer_pings};
 use super::wire::{Record, WireMode, hex_id, release_channel};
+use crate::error::LockError;
 use crate::fds::FdToken;
 use crate::kinds::{Held, OnLost};
-use crate::locks::{LockError, Mode};
 use futures_util::StreamExt;
+use padlock_proto::Mode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +51,7 @@ impl Contender {
                 }
                 Ok(None) if self.try_once => {
                     return Err(LockError::NotAcquired {
-                        name: crate::locks::name::printable(&self.name),
+                        name: crate::name::printable(&self.name),
                         holders: 0,
                         held_by: Vec::new(),
                         waited: Duration::ZERO,

@@ -4,7 +4,7 @@
 
 use super::Inner;
 use super::participant::Participant;
-use crate::locks::LockError;
+use crate::error::LockError;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::{sleep, timeout};

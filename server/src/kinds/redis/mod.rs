@@ -53,8 +53,8 @@ mod probe;
 mod wire;
 
 use super::{Attempt, Backend, Contention, Request};
+use crate::error::LockError;
 use crate::fds::Descriptors;
-use crate::locks::LockError;
 use contender::Contender;
 use health::monitor;
 use participant::Participant;
@@ -224,7 +224,7 @@ pub fn check_name(name: &str) -> Result<(), LockError> {
         return Ok(());
     }
     Err(LockError::InvalidName {
-        name: crate::locks::name::printable(name),
+        name: crate::name::printable(name),
         why: "redis lock names are printable ASCII without spaces: Redis refuses other \
               characters in the connection name each holder gets (<name>-lock-<id>)"
             .into(),

@@ -1,7 +1,7 @@
 //! portalocker's wire records: holder ids, the modes a participant
 //! advertises, and the records it answers pings with.
 
-use crate::locks::LockError;
+use crate::error::LockError;
 
 /// The holder record version portalocker checks.
 pub(super) const PROTOCOL_VERSION: u64 = 1;

@@ -4,7 +4,7 @@
 //! semaphore kinds), so the rules here are the first line of defence against
 //! escaping it; the second is `openat2(RESOLVE_BENEATH)` in `crate::fs`.
 
-use super::LockError;
+use crate::error::LockError;
 
 /// Longest accepted name, in bytes.
 pub const MAX_NAME_BYTES: usize = 1024;
