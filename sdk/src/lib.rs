@@ -39,9 +39,11 @@ use padlock_proto::v1 as pb;
 use pb::hold_request::Msg as Req;
 use pb::hold_response::Msg as Resp;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 /// How much longer than its wait an acquire may take before the SDK gives
@@ -56,6 +58,7 @@ pub use padlock_proto::v1 as proto;
 pub use padlock_proto::duration;
 
 mod info;
+mod session;
 pub use info::{Holder, LockInfo, Waiter};
 
 /// The default server address.
@@ -269,13 +272,17 @@ impl fmt::Display for Lost {
 pub use padlock_proto::{Kind, Mode};
 
 /// A connection to padlockd. Cheap to clone; clones share one HTTP/2
-/// connection, and every lock is one stream on it.
+/// connection, and their locks ride one Session stream on it (see
+/// [`ClientBuilder::multiplex`]).
 #[derive(Clone, Debug)]
 pub struct Client {
     channel: Channel,
     owner: String,
     /// `Bearer <token>` sent with every lock request, if any.
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// With [`ClientBuilder::multiplex`]: the one Session stream that
+    /// carries this client's lock requests.
+    muxes: Option<std::sync::Arc<session::Muxes>>,
 }
 
 /// How to connect: TLS and a client token. Made by [`Client::builder`].
@@ -295,6 +302,8 @@ pub struct ClientBuilder {
     ca_pem: Option<Vec<u8>>,
     identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     token: Option<String>,
+    /// `None`: the default (multiplexed).
+    multiplex: Option<bool>,
 }
 
 impl ClientBuilder {
@@ -315,6 +324,21 @@ impl ClientBuilder {
     /// Send `authorization: Bearer <token>` with every lock request.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self
+    }
+
+    /// Whether every lock request of this client (and its clones) rides
+    /// one Session stream, each as an op of its own (the default), or
+    /// opens a Hold stream of its own (`false`). Ops are cheaper per lock,
+    /// for the server and the client; guards behave the same. When the
+    /// one stream breaks, every lock on it is lost (as when the connection
+    /// breaks: the server releases them all), and the next request opens a
+    /// new stream. A padlockd without the Session call gets Hold streams.
+    /// One stream carries at most the server's
+    /// `--max-streams-per-connection` locks at once, as one connection of
+    /// Hold streams does.
+    pub fn multiplex(mut self, multiplex: bool) -> Self {
+        self.multiplex = Some(multiplex);
         self
     }
 
@@ -369,6 +393,7 @@ impl ClientBuilder {
             channel,
             owner: default_owner(),
             authorization,
+            muxes: self.multiplex.unwrap_or(true).then(Default::default),
         };
         // A first request at once: padlockd closes a connection whose
         // first request does not come within its --request-timeout. A
@@ -613,16 +638,46 @@ impl LockBuilder {
             .acquire
             .wait_ms
             .map(|ms| Duration::from_millis(ms).saturating_add(STREAM_GRACE));
-        let (requests, rx) = mpsc::channel(2);
-        requests
-            .send(pb::HoldRequest {
+        if let Some(muxes) = &self.client.muxes {
+            // A request that crosses the server's end of an idle stream
+            // was never seen: it is asked again, once, on a new stream.
+            for _ in 0..2 {
+                let Some(mux) = muxes.get(&self.client).await? else {
+                    break; // no Session call: a Hold stream below
+                };
+                let attempt =
+                    mux.clone()
+                        .acquire(self.acquire.clone(), self.on_queued.clone(), open_limit);
+                let (granted, op, state) = match attempt.await {
+                    Ok(granted) => granted,
+                    Err(session::Failure::Error(err)) => return Err(err),
+                    Err(session::Failure::Unanswered) => continue,
+                };
+                return Ok(LockGuard {
+                    name,
+                    fence: granted.fence,
+                    slot: granted.slot,
+                    holder_id: granted.holder_id,
+                    requests: Some(Releaser::Op { mux, op }),
+                    state,
+                });
+            }
+            if muxes.is_supported() {
+                return Err(Error::Status(tonic::Status::unavailable(
+                    "the session stream to padlockd ended twice before the request was answered",
+                )));
+            }
+        }
+        let (requests, release) = oneshot::channel();
+        let outbound = HoldRequests {
+            acquire: Some(pb::HoldRequest {
                 msg: Some(Req::Acquire(self.acquire)),
-            })
-            .await
-            .map_err(|_| Error::Protocol("request stream closed".into()))?;
+            }),
+            release: Some(release),
+        };
         let mut grpc = self.client.grpc();
         // The server answers with headers as soon as the stream reaches it.
-        let open = grpc.hold(ReceiverStream::new(rx));
+        let open = grpc.hold(outbound);
         let opened = match open_limit {
             None => open.await?,
             Some(limit) => match tokio::time::timeout(limit, open).await {
@@ -672,7 +727,7 @@ impl LockBuilder {
             fence: granted.fence,
             slot: granted.slot,
             holder_id: granted.holder_id,
-            requests: Some(requests),
+            requests: Some(Releaser::Stream(Some(requests))),
             state,
         })
     }
@@ -683,6 +738,40 @@ impl LockBuilder {
             Ok(guard) => Ok(Some(guard)),
             Err(Error::NotAcquired(_)) => Ok(None),
             Err(err) => Err(err),
+        }
+    }
+}
+
+/// How a guard lets go of its lock.
+enum Releaser {
+    /// Its own Hold stream: ask for the Release (once); dropped, the
+    /// stream ends.
+    Stream(Option<oneshot::Sender<()>>),
+    /// An op on the client's Session stream.
+    Op {
+        mux: std::sync::Arc<session::Mux>,
+        op: u64,
+    },
+}
+
+impl Releaser {
+    fn release(&mut self) {
+        match self {
+            Releaser::Stream(requests) => {
+                if let Some(requests) = requests.take() {
+                    let _ = requests.send(());
+                }
+            }
+            Releaser::Op { mux, op } => mux.release(*op),
+        }
+    }
+}
+
+impl fmt::Debug for Releaser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Releaser::Stream(_) => f.write_str("Stream"),
+            Releaser::Op { op, .. } => write!(f, "Op({op})"),
         }
     }
 }
@@ -705,15 +794,7 @@ async fn watch_stream(
         })) => GuardState::Released,
         Ok(Some(pb::HoldResponse {
             msg: Some(Resp::Lost(lost)),
-        })) => GuardState::Lost(Lost {
-            reason: match pb::LostReason::try_from(lost.reason) {
-                Ok(pb::LostReason::Shutdown) => LostReason::Shutdown,
-                Ok(pb::LostReason::Revoked) => LostReason::Revoked,
-                Ok(pb::LostReason::Backend) => LostReason::Backend,
-                _ => LostReason::Other,
-            },
-            detail: lost.detail,
-        }),
+        })) => GuardState::Lost(lost_from_wire(lost)),
         Ok(Some(other)) => GuardState::Lost(Lost {
             reason: LostReason::Other,
             detail: format!("unexpected message from the server: {other:?}"),
@@ -733,6 +814,47 @@ async fn watch_stream(
     let _ = state.send(end);
 }
 
+/// A loss as the server reported it.
+fn lost_from_wire(lost: pb::Lost) -> Lost {
+    Lost {
+        reason: match pb::LostReason::try_from(lost.reason) {
+            Ok(pb::LostReason::Shutdown) => LostReason::Shutdown,
+            Ok(pb::LostReason::Revoked) => LostReason::Revoked,
+            Ok(pb::LostReason::Backend) => LostReason::Backend,
+            _ => LostReason::Other,
+        },
+        detail: lost.detail,
+    }
+}
+
+/// The client's side of a Hold stream: the Acquire, then a Release when
+/// the guard asks for one. It ends when the guard is dropped (the server
+/// then releases the lock) or after the Release. (A stream of its own
+/// rather than a channel: a tokio channel allocates a block of 32 slots
+/// for the two messages a lock ever sends.)
+struct HoldRequests {
+    acquire: Option<pb::HoldRequest>,
+    release: Option<oneshot::Receiver<()>>,
+}
+
+impl tokio_stream::Stream for HoldRequests {
+    type Item = pb::HoldRequest;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(acquire) = self.acquire.take() {
+            return Poll::Ready(Some(acquire));
+        }
+        let Some(release) = self.release.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let asked = std::task::ready!(Pin::new(release).poll(cx));
+        self.release = None;
+        Poll::Ready(asked.ok().map(|()| pb::HoldRequest {
+            msg: Some(Req::Release(pb::Release {})),
+        }))
+    }
+}
+
 /// A held lock. Dropping it releases the lock without blocking; use
 /// [`release`](Self::release) to wait until the server confirms.
 #[derive(Debug)]
@@ -741,8 +863,9 @@ pub struct LockGuard {
     fence: u64,
     slot: Option<u32>,
     holder_id: String,
-    /// The client side of the Hold stream: closing it releases the lock.
-    requests: Option<mpsc::Sender<pb::HoldRequest>>,
+    /// Asks for the Release (on the Hold stream, or for the op on the
+    /// Session stream).
+    requests: Option<Releaser>,
     state: watch::Receiver<GuardState>,
 }
 
@@ -792,12 +915,10 @@ impl LockGuard {
     /// Releases the lock and waits until the server confirms. Fails with
     /// [`Error::Lost`] if the lock had already been lost.
     pub async fn release(mut self) -> Result<(), Error> {
-        if let Some(requests) = self.requests.take() {
-            let _ = requests
-                .send(pb::HoldRequest {
-                    msg: Some(Req::Release(pb::Release {})),
-                })
-                .await;
+        // (The releaser is kept until the answer: an op's stream must stay
+        // open for it.)
+        if let Some(mut requests) = self.requests.take() {
+            requests.release();
             let outcome = self
                 .state
                 .wait_for(|s| !matches!(s, GuardState::Held))
@@ -813,8 +934,11 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        // Dropping the request sender closes our side of the stream; the
-        // server releases the lock and ends the stream.
-        self.requests.take();
+        // A Hold stream: dropping the request sender closes our side of the
+        // stream; the server releases the lock and ends the stream. An op
+        // on a Session stream is released by a message.
+        if let Some(Releaser::Op { mux, op }) = self.requests.take() {
+            mux.release(op);
+        }
     }
 }

@@ -218,10 +218,13 @@ async fn grpc_routes(
             tracing::debug!("refused a gRPC request without a valid client token");
         }
     });
-    let padlock = PadlockService::new(table.clone(), lock_dir.to_string()).first_message_timeout(
-        config.request_timeout,
-        metrics.connections.request_timeouts.clone(),
-    );
+    let padlock = PadlockService::new(table.clone(), lock_dir.to_string())
+        .first_message_timeout(
+            config.request_timeout,
+            metrics.connections.request_timeouts.clone(),
+        )
+        .max_session_ops(config.max_streams_per_connection as usize)
+        .session_idle(Some(config.idle_timeout).filter(|t| !t.is_zero()));
     let service = InterceptedService::new(
         PadlockServer::new(padlock).max_decoding_message_size(config.max_message_bytes),
         auth,

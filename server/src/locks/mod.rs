@@ -200,6 +200,8 @@ struct Shared {
     /// Set once, before drain empties the shards one by one; a request
     /// placed in a shard checks it under that shard's mutex.
     draining: AtomicBool,
+    /// Tells whoever waits for it that the table drains.
+    drain_signal: tokio::sync::watch::Sender<bool>,
     /// Tickets alive: waiting and holding requests (`--max-holds`).
     holds: AtomicUsize,
     /// Locks tracked across the shards (`--max-locks`).
@@ -244,6 +246,7 @@ impl LockTable {
                 hasher: std::hash::RandomState::new(),
                 next_id: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
+                drain_signal: tokio::sync::watch::channel(false).0,
                 holds: AtomicUsize::new(0),
                 tracked: AtomicUsize::new(0),
                 events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
@@ -432,6 +435,7 @@ impl LockTable {
     /// after the flag is set (see [`LockTable::place`]).
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::Release);
+        self.shared.drain_signal.send_replace(true);
         for mut st in self.each_shard() {
             let mut after = After::default();
             let locks = std::mem::take(&mut st.locks);
@@ -492,6 +496,12 @@ impl LockTable {
 
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the table drains (at once if it does already).
+    pub async fn drained(&self) {
+        let mut signal = self.shared.drain_signal.subscribe();
+        let _ = signal.wait_for(|draining| *draining).await;
     }
 }
 

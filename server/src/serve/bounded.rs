@@ -99,7 +99,9 @@ pub(super) fn answer_kind<B>(request: &Request<B>) -> AnswerKind {
     let path = request.uri().path();
     if is_grpc(request) {
         return match path {
-            "/padlock.v1.Padlock/Hold" | "/grpc.health.v1.Health/Watch" => AnswerKind::Stream,
+            "/padlock.v1.Padlock/Hold"
+            | "/padlock.v1.Padlock/Session"
+            | "/grpc.health.v1.Health/Watch" => AnswerKind::Stream,
             "/grpc.health.v1.Health/Check" => AnswerKind::Tiny,
             p if p.starts_with("/grpc.reflection.") => AnswerKind::Stream,
             _ => AnswerKind::Bounded,

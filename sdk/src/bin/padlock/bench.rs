@@ -45,6 +45,11 @@ pub struct BenchArgs {
     /// PX`, then compare-and-delete) from this client to that Redis.
     #[arg(long)]
     redis_url: Option<String>,
+    /// Each lock on a Hold stream of its own, instead of as an op on the
+    /// client's one Session stream (the SDK's default; see
+    /// `ClientBuilder::multiplex`).
+    #[arg(long)]
+    hold_streams: bool,
 }
 
 /// Latency summary of one phase.
@@ -117,9 +122,23 @@ pub async fn run(
 ) -> Result<(), String> {
     let phase = Duration::try_from_secs_f64(args.seconds).map_err(|e| format!("--seconds: {e}"))?;
     let err = |e: padlock::Error| e.to_string();
+    let own;
+    let (client, connection) = if args.hold_streams {
+        let connection = connection.clone().multiplex(false);
+        own = (connection.clone().connect().await.map_err(err)?, connection);
+        (&own.0, &own.1)
+    } else {
+        (client, connection)
+    };
     println!(
-        "padlock bench against {server} (kind {}, {} s per phase)\n",
-        args.kind, args.seconds
+        "padlock bench against {server} (kind {}, {} s per phase{})\n",
+        args.kind,
+        args.seconds,
+        if args.hold_streams {
+            ", one Hold stream per lock"
+        } else {
+            ", locks as ops on one Session stream per client"
+        }
     );
     println!("| measure | p50 | p99 | ops/s |");
     println!("| --- | --- | --- | --- |");

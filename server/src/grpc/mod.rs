@@ -20,6 +20,8 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+mod session;
+
 /// The `padlock.v1.Padlock` service.
 pub struct PadlockService {
     table: LockTable,
@@ -28,6 +30,10 @@ pub struct PadlockService {
     first_message: Duration,
     /// Counts Hold streams cut for not sending it.
     timeouts: Arc<AtomicU64>,
+    /// Most ops open at once on one Session stream.
+    max_session_ops: usize,
+    /// A Session stream with no op open for this long is ended.
+    session_idle: Option<Duration>,
 }
 
 impl PadlockService {
@@ -37,7 +43,24 @@ impl PadlockService {
             lock_dir,
             first_message: Duration::from_secs(10),
             timeouts: Arc::default(),
+            max_session_ops: 1000,
+            session_idle: None,
         }
+    }
+
+    /// Ends a Session stream that has had no op open for `idle` (the
+    /// server's `--idle-timeout`; `None`: never), as an idle connection is.
+    pub fn session_idle(mut self, idle: Option<Duration>) -> Self {
+        self.session_idle = idle;
+        self
+    }
+
+    /// Most ops open at once on one Session stream (the server's
+    /// `--max-streams-per-connection`: one Session carries what that many
+    /// Hold streams would).
+    pub fn max_session_ops(mut self, max: usize) -> Self {
+        self.max_session_ops = max.max(1);
+        self
     }
 
     /// How long a Hold stream may take to send its Acquire, and what counts
@@ -118,12 +141,16 @@ fn reply(msg: Out) -> Reply {
 }
 
 fn granted(g: &Grant) -> Out {
-    Out::Granted(pb::Granted {
+    Out::Granted(granted_to_wire(g))
+}
+
+fn granted_to_wire(g: &Grant) -> pb::Granted {
+    pb::Granted {
         fence: g.fence,
         slot: g.slot,
         holder_id: g.holder_id.to_string(),
         mode: pb::Mode::from(g.mode) as i32,
-    })
+    }
 }
 
 fn lost_to_wire(reason: LostReason) -> pb::LostReason {
@@ -198,11 +225,14 @@ fn invalid(message: &str) -> Option<Reply> {
 }
 
 fn lost(reason: LostReason, detail: String) -> Reply {
-    let lost = pb::Lost {
+    reply(Out::Lost(lost_message(reason, detail)))
+}
+
+fn lost_message(reason: LostReason, detail: String) -> pb::Lost {
+    pb::Lost {
         reason: lost_to_wire(reason) as i32,
         detail,
-    };
-    reply(Out::Lost(lost))
+    }
 }
 
 impl Hold {
@@ -397,6 +427,25 @@ fn rss_bytes() -> u64 {
 #[tonic::async_trait]
 impl pb::padlock_server::Padlock for PadlockService {
     type HoldStream = HoldStream;
+    type SessionStream = session::SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let scope = request.extensions().get::<Scope>().cloned();
+        Ok(Response::new(session::stream(session::Mux::new(
+            self.table.clone(),
+            request.into_inner(),
+            peer,
+            scope,
+            (self.first_message, self.timeouts.clone()),
+            (self.max_session_ops, self.session_idle),
+        ))))
+    }
 
     async fn hold(
         &self,
