@@ -195,12 +195,16 @@ pub async fn run(
         cycle.ops_per_sec
     );
 
-    // Many clients, distinct names, one connection each.
+    // Many clients, distinct names, one connection each. Every client
+    // connects first; then all start at once, so the window is shared.
+    let (go, start) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..args.clients {
         let c = connection.clone().connect().await.map_err(err)?;
         let builder = args.lock(&c, &format!("client-{i}"));
+        let mut start = start.clone();
         tasks.push(tokio::spawn(async move {
+            let _ = start.wait_for(|go| *go).await;
             timed(phase, || {
                 let b = builder.clone();
                 async move { b.acquire().await.map_err(err)?.release().await.map_err(err) }
@@ -208,6 +212,7 @@ pub async fn run(
             .await
         }));
     }
+    let _ = go.send(true);
     let mut all = Vec::new();
     let mut longest = Duration::ZERO;
     for task in tasks {
@@ -412,7 +417,8 @@ async fn held_memory(
 /// A raw Redis lock, the one most teams write instead of a lock service:
 /// `SET key token NX PX 10000` to take it, a compare-and-delete script to
 /// give it back. `clients` loops, each on its own connection and key, as
-/// tasks; the summary covers them all.
+/// tasks that start together once all are connected; the summary covers
+/// them all.
 async fn raw_redis_lock(url: &str, phase: Duration, clients: usize) -> Result<Summary, String> {
     let addr = url
         .strip_prefix("redis://")
@@ -420,13 +426,21 @@ async fn raw_redis_lock(url: &str, phase: Duration, clients: usize) -> Result<Su
         .filter(|rest| !rest.contains('@'))
         .ok_or_else(|| format!("--redis-url {url}: expected redis://HOST:PORT without a password"))?
         .to_string();
+    let (go, start) = tokio::sync::watch::channel(false);
+    let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<()>(clients.max(1));
     let mut tasks = Vec::with_capacity(clients);
     for i in 0..clients {
         let addr = addr.clone();
+        let (start, ready) = (start.clone(), ready_tx.clone());
         tasks.push(tokio::spawn(async move {
-            raw_redis_loop(&addr, phase, &format!("padlock-bench-raw-{i}")).await
+            let key = format!("padlock-bench-raw-{i}");
+            raw_redis_loop(&addr, phase, &key, (ready, start)).await
         }));
     }
+    drop(ready_tx);
+    // Every loop connected (or failed), then all start.
+    while ready.recv().await.is_some() {}
+    let _ = go.send(true);
     let mut all = Vec::new();
     let mut longest = Duration::ZERO;
     for task in tasks {
@@ -443,6 +457,7 @@ async fn raw_redis_loop(
     addr: &str,
     phase: Duration,
     key: &str,
+    (ready, mut start): (tokio::sync::mpsc::Sender<()>, tokio::sync::watch::Receiver<bool>),
 ) -> Result<(Vec<Duration>, Duration), String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let stream = tokio::net::TcpStream::connect(addr)
@@ -461,6 +476,8 @@ async fn raw_redis_loop(
     let unlock = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
     let set = command(&["SET", key, "token", "NX", "PX", "10000"]);
     let del = command(&["EVAL", unlock, "1", key, "token"]);
+    drop(ready);
+    let _ = start.wait_for(|go| *go).await;
     let mut line = String::new();
     let mut round = async |cmd: &str, want: &str| -> Result<(), String> {
         write
