@@ -306,8 +306,8 @@ async fn a_silent_session_stream_is_cut() {
     assert_unharmed(&server).await;
 }
 
-/// padlockd's counter `name` from /metrics.
-async fn counter(server: &Server, name: &str) -> f64 {
+/// padlockd's metric `name` from /metrics.
+async fn metric(server: &Server, name: &str) -> f64 {
     let text = http_client()
         .get(format!("{}/metrics", server.url))
         .send()
@@ -316,8 +316,9 @@ async fn counter(server: &Server, name: &str) -> f64 {
         .text()
         .await
         .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+    let metrics = padlock_e2e::http::parse_metrics(&text);
+    *metrics
+        .get(name)
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
@@ -337,7 +338,7 @@ async fn an_idle_session_stream_ends_and_the_next_request_opens_another() {
     eventually("the idle connection closed", GUARD + GUARD, || {
         let server = &server;
         async move {
-            (counter(server, "padlock_idle_connections_closed_total ").await >= 1.0).then_some(())
+            (metric(server, "padlock_idle_connections_closed_total").await >= 1.0).then_some(())
         }
     })
     .await;

@@ -457,7 +457,10 @@ async fn raw_redis_loop(
     addr: &str,
     phase: Duration,
     key: &str,
-    (ready, mut start): (tokio::sync::mpsc::Sender<()>, tokio::sync::watch::Receiver<bool>),
+    (ready, mut start): (
+        tokio::sync::mpsc::Sender<()>,
+        tokio::sync::watch::Receiver<bool>,
+    ),
 ) -> Result<(Vec<Duration>, Duration), String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let stream = tokio::net::TcpStream::connect(addr)
