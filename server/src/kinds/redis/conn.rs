@@ -1,7 +1,8 @@
-//! Connections: the shared command connection, a small pool of connected
-//! and authenticated sockets, and the hand-written handshake that names a
-//! connection and subscribes it in one round trip.
+//! Connections: the shared command connection, a small pool of connected,
+//! authenticated RESP3 sockets, and the hand-written handshake that names a
+//! connection, subscribes it and counts the channel in one round trip.
 
+use super::resp::{Replies, Reply};
 use super::{Inner, POOL_SIZE};
 use redis::aio::{ConnectionManager, PubSubSink, PubSubStream};
 use std::sync::atomic::Ordering;
@@ -22,13 +23,17 @@ impl Inner {
         Ok(count)
     }
 
-    /// Opens a connection, names it, and subscribes it to `channels`.
+    /// Opens a connection, names it, subscribes it to `channels`, and runs
+    /// `then` on it in the same round trip (RESP3 allows any command on a
+    /// subscribed connection, and Redis runs a connection's commands in
+    /// order, so `then` sees the subscription).
     /// The name is set before subscribing, as portalocker's reaper expects.
     pub(super) async fn subscribe(
         &self,
         client_name: Option<&str>,
         channels: &[&str],
-    ) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
+        then: Option<&redis::Cmd>,
+    ) -> redis::RedisResult<Subscribed> {
         let (stream, pooled) = match self.take_pooled() {
             Some(stream) => (stream, true),
             None => (self.connect().await?, false),
@@ -37,7 +42,7 @@ impl Inner {
         let handshake = |stream| {
             timeout(
                 self.config.health_timeout,
-                name_and_subscribe(stream, client_name, channels),
+                name_and_subscribe(stream, client_name, channels, then),
             )
         };
         let first = handshake(stream).await;
@@ -53,16 +58,22 @@ impl Inner {
         } else {
             first
         };
-        let stream = match done {
-            Ok(Ok(stream)) => stream,
+        let (replies, early, then_reply) = match done {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(io_error("Redis did not confirm a subscription").into()),
         };
         // Authenticated, named and subscribed already; pub/sub ignores the
         // database: nothing left for the client library to set up.
         let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
-        let pubsub = redis::aio::PubSub::new(&settings, stream).await?;
-        Ok(pubsub.split())
+        let pubsub = redis::aio::PubSub::new(&settings, replies.into_stream()).await?;
+        let (sink, messages) = pubsub.split();
+        Ok(Subscribed {
+            sink,
+            messages,
+            early,
+            then: then_reply,
+        })
     }
 
     /// A new authenticated connection to Redis.
@@ -88,7 +99,25 @@ impl Inner {
             auth.arg(password);
             simple_command(&mut stream, &auth).await?;
         }
-        Ok(stream)
+        // RESP3, so a subscribed connection can still run commands (the
+        // count that follows a subscription rides in its round trip).
+        let mut replies = Replies::new(stream);
+        replies
+            .stream_mut()
+            .write_all(&redis::cmd("HELLO").arg(3).get_packed_command())
+            .await?;
+        match replies.next().await? {
+            Reply::Array(_) => {}
+            Reply::Error(e) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::RESP3NotSupported,
+                    "Redis refused HELLO 3 (the redis kind needs Redis 6 or later)",
+                    e,
+                )));
+            }
+            other => return Err(unexpected("HELLO", &other)),
+        }
+        Ok(replies.into_idle()?)
     }
 
     pub(super) fn take_pooled(&self) -> Option<tokio::net::TcpStream> {
@@ -120,14 +149,28 @@ impl Inner {
     }
 }
 
-/// Names the connection and subscribes it in one round trip (the commands
-/// are pipelined), checking every reply, so the name is set before the
-/// subscription exists, as portalocker's reaper expects.
-pub(super) async fn name_and_subscribe(
-    mut stream: tokio::net::TcpStream,
+/// A subscription handed to the client library's pub/sub reader.
+pub(super) struct Subscribed {
+    pub(super) sink: PubSubSink,
+    pub(super) messages: PubSubStream,
+    /// Payloads of messages that arrived before the last reply of the
+    /// handshake, in order: they come before `messages`.
+    pub(super) early: Vec<Vec<u8>>,
+    /// The reply to the command run after subscribing.
+    pub(super) then: Option<Reply>,
+}
+
+/// Names the connection, subscribes it and runs `then`, in one round trip
+/// (the commands are pipelined), checking every reply, so the name is set
+/// before the subscription exists, as portalocker's reaper expects.
+/// Messages published to the new subscription before `then`'s reply are
+/// kept, in order; whatever follows stays on the connection.
+async fn name_and_subscribe(
+    stream: tokio::net::TcpStream,
     client_name: Option<&str>,
     channels: &[&str],
-) -> redis::RedisResult<tokio::net::TcpStream> {
+    then: Option<&redis::Cmd>,
+) -> redis::RedisResult<(Replies, Vec<Vec<u8>>, Option<Reply>)> {
     let mut out = Vec::new();
     if let Some(name) = client_name {
         out.extend(
@@ -140,28 +183,64 @@ pub(super) async fn name_and_subscribe(
     for channel in channels {
         out.extend(redis::cmd("SUBSCRIBE").arg(*channel).get_packed_command());
     }
-    stream.write_all(&out).await?;
-    if client_name.is_some() {
-        read_ok(&mut stream).await?;
+    if let Some(then) = then {
+        out.extend(then.get_packed_command());
     }
-    for (n, channel) in channels.iter().enumerate() {
-        let expected = format!(
-            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{channel}\r\n:{}\r\n",
-            channel.len(),
-            n + 1
-        );
-        let mut reply = vec![0u8; expected.len()];
-        stream.read_exact(&mut reply).await?;
-        if reply != expected.as_bytes() {
-            let text = String::from_utf8_lossy(&reply).into_owned();
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "unexpected SUBSCRIBE reply",
-                text,
-            )));
+    let mut replies = Replies::new(stream);
+    replies.stream_mut().write_all(&out).await?;
+    if client_name.is_some() {
+        match replies.next().await? {
+            Reply::Simple(ok) if ok == b"OK" => {}
+            other => return Err(refused_or_unexpected("CLIENT SETNAME", other)),
         }
     }
-    Ok(stream)
+    let mut early = Vec::new();
+    let mut confirmed = 0;
+    while confirmed < channels.len() {
+        let reply = replies.next().await?;
+        if let Some(payload) = reply.message_payload() {
+            early.push(payload.to_vec());
+            continue;
+        }
+        let expected = Reply::Push(vec![
+            Reply::Bulk(Some(b"subscribe".to_vec())),
+            Reply::Bulk(Some(channels[confirmed].as_bytes().to_vec())),
+            Reply::Int(confirmed as i64 + 1),
+        ]);
+        if reply != expected {
+            return Err(refused_or_unexpected("SUBSCRIBE", reply));
+        }
+        confirmed += 1;
+    }
+    let mut then_reply = None;
+    if then.is_some() {
+        loop {
+            let reply = replies.next().await?;
+            match reply.message_payload() {
+                Some(payload) => early.push(payload.to_vec()),
+                None => {
+                    then_reply = Some(reply);
+                    break;
+                }
+            }
+        }
+    }
+    Ok((replies, early, then_reply))
+}
+
+fn refused_or_unexpected(command: &str, reply: Reply) -> redis::RedisError {
+    match reply {
+        Reply::Error(e) => redis::RedisError::from((redis::ErrorKind::Client, "Redis refused", e)),
+        other => unexpected(command, &other),
+    }
+}
+
+pub(super) fn unexpected(command: &str, reply: &Reply) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "unexpected reply",
+        format!("{command}: {reply:?}"),
+    ))
 }
 
 /// Sends one command on a raw connection and reads its one-line reply.

@@ -3,6 +3,7 @@
 //! promotion, draws the fence, and retries with a backoff.
 
 use super::Inner;
+use super::conn::io_error;
 use super::election::{self, Decision, Verdict};
 use super::participant::{HeldSubscription, Membership, Participant, answer_pings};
 use super::wire::{Record, WireMode, hex_id, release_channel};
@@ -80,7 +81,7 @@ impl Contender {
                 if let Ok(counted) = self.inner.fds.take() {
                     wakeups = self
                         .inner
-                        .subscribe(None, &[&release_channel(&self.name)])
+                        .subscribe(None, &[&release_channel(&self.name)], None)
                         .await
                         .ok()
                         .map(|subscribed| (subscribed, counted));
@@ -91,10 +92,10 @@ impl Contender {
                     / 255.0;
             let poll = wait.mul_f64(jitter);
             match wakeups.as_mut() {
-                Some(((_, released), _)) => {
+                Some((subscribed, _)) => {
                     // The connection ended: poll instead, and let the
                     // next turn open another.
-                    if let Ok(None) = timeout(poll, released.next()).await {
+                    if let Ok(None) = timeout(poll, subscribed.messages.next()).await {
                         wakeups = None;
                         sleep(poll).await;
                     }
@@ -143,36 +144,56 @@ impl Contender {
         self.participant.as_ref().expect("subscribed")
     }
 
-    /// Subscribes as a fresh participant (pending writer or reader).
-    pub(super) async fn join(&mut self) -> redis::RedisResult<()> {
+    /// Subscribes as a fresh participant (pending writer or reader) and
+    /// counts the channel's subscribers in the same round trip, drawing the
+    /// fence when this one is alone: `(subscribers, fence when alone)`.
+    ///
+    /// Alone means the lock is ours, with no confirming probe: the count
+    /// runs on the subscription's own connection, right behind the
+    /// subscription, atomically with the fence. A rival that subscribes
+    /// later sees this subscriber, so it must ask for its record, and every
+    /// ping published after the count reaches this connection after the
+    /// count's reply, when the participant already advertises `exclusive`
+    /// (pings that came before it are answered after it, with the same
+    /// record). portalocker's confirming probe guards the window between
+    /// its count and its switch to `exclusive`, in which a rival could
+    /// have read it as `pending`; here that window does not exist.
+    pub(super) async fn join(&mut self) -> redis::RedisResult<(u64, Option<u64>)> {
         let client_name = format!("{}-lock-{}", self.name, self.holder_id);
-        let (sink, messages) = self
+        let count = self.inner.fence_if_alone_command(&self.name);
+        let subscribed = self
             .inner
-            .subscribe(Some(&client_name), &[&self.name])
+            .subscribe(Some(&client_name), &[&self.name], Some(&count))
             .await?;
-        let mode = if self.exclusive() {
-            WireMode::Pending
-        } else {
-            WireMode::Shared
+        let reply = subscribed
+            .then
+            .ok_or_else(|| io_error("no reply to the subscriber count"))?;
+        let (subscribers, fence) = self.inner.fence_if_alone_reply(&self.name, reply)?;
+        let mode = match (self.exclusive(), subscribers <= 1) {
+            (true, true) => WireMode::Exclusive,
+            (true, false) => WireMode::Pending,
+            (false, _) => WireMode::Shared,
         };
         let participant = Arc::new(Participant {
             holder_id: self.holder_id.clone(),
+            channel: self.name.clone(),
             wire: Mutex::new((mode, false)),
             dead: AtomicBool::new(false),
             on_lost: Mutex::new(None),
             task: Mutex::new(None),
-            sink,
+            sink: subscribed.sink,
         });
         let task = tokio::spawn(answer_pings(
             self.inner.clone(),
             participant.clone(),
-            messages,
+            subscribed.early,
+            subscribed.messages,
             None,
         ));
         *participant.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         self.participant = Some(Membership(participant));
         self.elected = false;
-        Ok(())
+        Ok((subscribers, fence))
     }
 
     /// Unsubscribes to retry later (portalocker's `_unsubscribe`).
@@ -191,17 +212,22 @@ impl Contender {
         {
             self.leave();
         }
-        if self.participant.is_none() {
-            self.join().await?;
-        }
+        let joined = match self.participant {
+            None => Some(self.join().await?),
+            Some(_) => None,
+        };
         let mut fence = None;
-        let subscribers = if self.exclusive() {
-            self.inner.numsub(&self.name).await?
-        } else {
-            // A reader alone on the channel holds it: count and fence at once.
-            let (subscribers, alone_fence) = self.inner.fence_if_alone(&self.name).await?;
-            fence = alone_fence;
-            subscribers
+        let subscribers = match joined {
+            // Alone behind a fresh subscription: held (see `join`).
+            Some((_, Some(alone_fence))) => return Ok(self.granted(alone_fence)),
+            Some((subscribers, None)) => subscribers,
+            None if self.exclusive() => self.inner.numsub(&self.name).await?,
+            None => {
+                // A reader alone on the channel holds it: count and fence at once.
+                let (subscribers, alone_fence) = self.inner.fence_if_alone(&self.name).await?;
+                fence = alone_fence;
+                subscribers
+            }
         };
         if subscribers <= 1 {
             if self.exclusive() {
@@ -223,11 +249,17 @@ impl Contender {
             Some(fence) => fence,
             None => self.inner.draw_fence(&self.name).await?,
         };
+        Ok(self.granted(fence))
+    }
+
+    /// The lock was won with `fence`, unless the subscription died on the
+    /// way.
+    fn granted(&mut self, fence: u64) -> Option<u64> {
         if self.participant().dead.load(Ordering::Acquire) {
             self.leave();
-            return Ok(None);
+            return None;
         }
-        Ok(Some(fence))
+        Some(fence)
     }
 
     /// This contender, as the election rules see it.

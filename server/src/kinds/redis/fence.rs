@@ -1,6 +1,8 @@
 //! Fences for redis locks: `INCR <name>-fence` in Lua, lifted above what
 //! this process has seen and above an epoch floor from Redis's clock.
 
+use super::conn::unexpected;
+use super::resp::Reply;
 use super::{FENCES_SEEN_CAP, Inner};
 use std::sync::LazyLock;
 
@@ -36,12 +38,15 @@ pub(super) static FENCE: LazyLock<redis::Script> =
 /// its only subscriber, a fence, in one round trip: `{subscribers, fence}`
 /// (fence 0 when not alone). Being alone and drawing the fence happen
 /// atomically, exactly when the lock is known to be ours.
-pub(super) static FENCE_IF_ALONE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
+static FENCE_IF_ALONE_SOURCE: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "local n = redis.call('PUBSUB', 'NUMSUB', KEYS[2])[2]\n\
          if n > 1 then return {{n, 0}} end\n{FENCE_BODY}\nreturn {{n, v}}"
-    ))
+    )
 });
+
+pub(super) static FENCE_IF_ALONE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&FENCE_IF_ALONE_SOURCE));
 
 impl Inner {
     pub(super) async fn draw_fence(&self, name: &str) -> redis::RedisResult<u64> {
@@ -66,6 +71,50 @@ impl Inner {
             .arg(self.fence_floor(name))
             .invoke_async(&mut self.commands())
             .await?;
+        if subscribers > 1 {
+            return Ok((subscribers, None));
+        }
+        self.saw_fence(name, fence);
+        Ok((subscribers, Some(fence)))
+    }
+
+    /// [`FENCE_IF_ALONE`] as a command to pipeline after a subscription
+    /// (`EVAL` with the source: it runs even on a Redis that has not seen
+    /// the script, and Redis caches it by its hash).
+    pub(super) fn fence_if_alone_command(&self, name: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(FENCE_IF_ALONE_SOURCE.as_str())
+            .arg(2)
+            .arg(format!("{name}-fence"))
+            .arg(name)
+            .arg(self.fence_floor(name));
+        cmd
+    }
+
+    /// Reads the reply of [`Inner::fence_if_alone_command`], as
+    /// [`Inner::fence_if_alone`] returns it.
+    pub(super) fn fence_if_alone_reply(
+        &self,
+        name: &str,
+        reply: Reply,
+    ) -> redis::RedisResult<(u64, Option<u64>)> {
+        let (subscribers, fence) = match &reply {
+            Reply::Array(values) => match values.as_slice() {
+                [Reply::Int(n), Reply::Int(fence)] => (
+                    u64::try_from(*n).map_err(|_| unexpected("EVAL", &reply))?,
+                    u64::try_from(*fence).map_err(|_| unexpected("EVAL", &reply))?,
+                ),
+                _ => return Err(unexpected("EVAL", &reply)),
+            },
+            Reply::Error(e) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "Redis refused the fence script",
+                    e.clone(),
+                )));
+            }
+            _ => return Err(unexpected("EVAL", &reply)),
+        };
         if subscribers > 1 {
             return Ok((subscribers, None));
         }

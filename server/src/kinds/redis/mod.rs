@@ -8,7 +8,9 @@
 //! and the lock is free. Acquiring (one padlock waiter at a time per name,
 //! the head of the table's queue):
 //!
-//! 1. subscribe; `PUBSUB NUMSUB <name>`: alone means free;
+//! 1. subscribe; `PUBSUB NUMSUB <name>`: alone means free (both in one
+//!    round trip on a RESP3 connection, and the fence with them: see
+//!    [`contender`]);
 //! 2. otherwise publish a ping `{"message":"ping","response_channel":..}` on
 //!    `<name>`; every subscriber answers with its holder record
 //!    `{"holder_id","mode","protocol":1,"elected"}`; subscribers that do not
@@ -50,6 +52,7 @@ mod fence;
 mod health;
 mod participant;
 mod probe;
+mod resp;
 mod wire;
 
 use super::{Attempt, Backend, Contention, Request};
@@ -175,6 +178,19 @@ impl RedisKind {
             fds,
         });
         inner.check_health().await;
+        // A Redis that answers but refuses RESP3 (older than 6) can never
+        // grant: say so at startup. A Redis that is down is tried later.
+        match inner.connect().await {
+            Ok(stream) => inner
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(stream),
+            Err(e) if e.kind() == redis::ErrorKind::RESP3NotSupported => {
+                return Err(format!("redis at '{url}': {e}"));
+            }
+            Err(_) => {}
+        }
         tokio::spawn(monitor(Arc::downgrade(&inner)));
         Ok(RedisKind { inner })
     }

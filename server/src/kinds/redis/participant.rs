@@ -16,6 +16,8 @@ use tokio::time::timeout;
 /// with the participant's current record.
 pub(super) struct Participant {
     pub(super) holder_id: String,
+    /// The lock channel (the lock's name).
+    pub(super) channel: String,
     /// (mode, elected) as advertised in ping replies.
     pub(super) wire: Mutex<(WireMode, bool)>,
     /// Set when the subscription ended.
@@ -65,9 +67,12 @@ impl Participant {
         }
     }
 
-    /// Proves the subscription is still alive: a PING on its own
-    /// connection, answered by Redis within `limit`. A connection Redis
-    /// closed (reaped by another instance while this one was paused) fails.
+    /// Proves the subscription was still alive, and ends it, for a
+    /// release: an UNSUBSCRIBE on its own connection, answered by Redis
+    /// within `limit`. A connection Redis closed (reaped by another
+    /// instance while this one was paused) fails. Unsubscribing here, not
+    /// when the connection closes later, frees the lock on Redis before
+    /// the release is answered and the next waiter contends.
     pub(super) fn confirm(self: &Arc<Self>, limit: Duration) -> Confirmation {
         let participant = self.clone();
         Box::pin(async move {
@@ -76,7 +81,7 @@ impl Participant {
                 return Err(closed());
             }
             let mut sink = participant.sink.clone();
-            match timeout(limit, sink.ping::<redis::Value>()).await {
+            match timeout(limit, sink.unsubscribe(&participant.channel)).await {
                 Ok(Ok(_)) if !participant.dead.load(Ordering::Acquire) => Ok(()),
                 Ok(Ok(_)) | Ok(Err(_)) => Err(closed()),
                 Err(_) => Err(format!(
@@ -106,32 +111,41 @@ impl std::ops::Deref for Membership {
     }
 }
 
-/// Answers every ping on the lock channel until the connection ends (or
+/// Answers every ping on the lock channel, first those that came during
+/// the subscription's handshake (`early`), until the connection ends (or
 /// the task is aborted, which closes the connection).
 pub(super) async fn answer_pings(
     inner: Arc<Inner>,
     participant: Arc<Participant>,
+    early: Vec<Vec<u8>>,
     mut messages: PubSubStream,
     _counted: Option<FdToken>,
 ) {
+    for payload in early {
+        answer(&inner, &participant, &payload).await;
+    }
     while let Some(msg) = messages.next().await {
-        let response_channel = serde_json::from_slice::<serde_json::Value>(msg.get_payload_bytes())
-            .ok()
-            .and_then(|v| v.get("response_channel")?.as_str().map(str::to_string))
-            .filter(|c| !c.is_empty());
-        if let Some(channel) = response_channel {
-            let reply = participant.record();
-            let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(reply)
-                .query_async(&mut inner.commands())
-                .await;
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "cannot answer a redis lock ping");
-            }
-        }
+        answer(&inner, &participant, msg.get_payload_bytes()).await;
     }
     participant.lose("the redis subscription connection closed");
+}
+
+/// Answers one ping with the participant's record.
+async fn answer(inner: &Inner, participant: &Participant, payload: &[u8]) {
+    let response_channel = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("response_channel")?.as_str().map(str::to_string))
+        .filter(|c| !c.is_empty());
+    if let Some(channel) = response_channel {
+        let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(participant.record())
+            .query_async(&mut inner.commands())
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "cannot answer a redis lock ping");
+        }
+    }
 }
 
 /// The lock as held: dropping it closes the subscription and announces the

@@ -19,7 +19,8 @@ impl Inner {
         expected: u64,
     ) -> redis::RedisResult<Option<Vec<Record>>> {
         let response_channel = format!("{name}-{}", hex_id()?);
-        let (_sink, mut replies) = self.subscribe(None, &[&response_channel]).await?;
+        // The sink stays alive with `subscribed` until the probe ends.
+        let mut subscribed = self.subscribe(None, &[&response_channel], None).await?;
         if self.numsub(name).await? != expected {
             return Ok(None);
         }
@@ -40,7 +41,7 @@ impl Inner {
             if wait.is_zero() {
                 break;
             }
-            match timeout(wait, replies.next()).await {
+            match timeout(wait, subscribed.messages.next()).await {
                 Ok(Some(msg)) => {
                     let record = Record::parse(msg.get_payload_bytes(), legacy);
                     legacy += usize::from(record.legacy);

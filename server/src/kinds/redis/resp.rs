@@ -1,0 +1,333 @@
+//! Just enough RESP3 to run a connection's handshake by hand: read the
+//! replies of a pipelined batch one by one, keep the messages that arrive
+//! between them, and hand the connection, with whatever it has already
+//! read, to the client library's pub/sub reader.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// One reply or push. Maps and sets read as arrays; the scalar types the
+/// handshake never looks at (doubles, booleans, big numbers) as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reply {
+    Simple(Vec<u8>),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+    Push(Vec<Reply>),
+    Other,
+}
+
+impl Reply {
+    /// The payload of a pub/sub `message` push, if this is one.
+    pub(super) fn message_payload(&self) -> Option<&[u8]> {
+        match self {
+            Reply::Push(items) => match items.as_slice() {
+                [
+                    Reply::Bulk(Some(kind)),
+                    Reply::Bulk(Some(_)),
+                    Reply::Bulk(Some(payload)),
+                ] if kind == b"message" => Some(payload),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// Nesting deeper than this is not a reply the handshake expects.
+const MAX_DEPTH: usize = 8;
+
+/// Most bytes the handshake buffers before giving up on the connection
+/// (its replies are a few hundred bytes; the messages between them are
+/// pings of a few dozen).
+pub(super) const MAX_BUFFERED: usize = 1 << 20;
+
+/// Parses one value from the front of `buf`: `Ok(None)` when more bytes
+/// are needed, else the value and how many bytes it took.
+pub(super) fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+    parse_at(buf, 0, 0)
+}
+
+fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Reply, usize)>, String> {
+    if depth > MAX_DEPTH {
+        return Err("reply nested too deep".into());
+    }
+    let Some(end) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let Some((&kind, line)) = buf[at..at + end].split_first() else {
+        return Err("empty reply line".into());
+    };
+    let next = at + end + 2;
+    let number = || -> Result<i64, String> {
+        std::str::from_utf8(line)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad length or number {:?}", String::from_utf8_lossy(line)))
+    };
+    let reply = match kind {
+        b'+' => (Reply::Simple(line.to_vec()), next),
+        b'-' => (
+            Reply::Error(String::from_utf8_lossy(line).into_owned()),
+            next,
+        ),
+        b':' => (Reply::Int(number()?), next),
+        b'_' => (Reply::Bulk(None), next),
+        b',' | b'#' | b'(' => (Reply::Other, next),
+        b'$' | b'=' | b'!' => {
+            let len = number()?;
+            if len < 0 {
+                return Ok(Some((Reply::Bulk(None), next)));
+            }
+            let len = usize::try_from(len).map_err(|_| "bad length")?;
+            if len > MAX_BUFFERED {
+                return Err(format!("a {len}-byte string in a handshake reply"));
+            }
+            if buf.len() < next + len + 2 {
+                return Ok(None);
+            }
+            if &buf[next + len..next + len + 2] != b"\r\n" {
+                return Err("string not ended by CRLF".into());
+            }
+            let bytes = buf[next..next + len].to_vec();
+            let reply = if kind == b'!' {
+                Reply::Error(String::from_utf8_lossy(&bytes).into_owned())
+            } else {
+                Reply::Bulk(Some(bytes))
+            };
+            (reply, next + len + 2)
+        }
+        b'*' | b'>' | b'~' | b'%' | b'|' => {
+            let count = number()?;
+            if count < 0 {
+                return Ok(Some((Reply::Bulk(None), next)));
+            }
+            let count = usize::try_from(count).map_err(|_| "bad count")?;
+            // A map or attribute has a key and a value per entry.
+            let items = if matches!(kind, b'%' | b'|') {
+                count.saturating_mul(2)
+            } else {
+                count
+            };
+            if items > MAX_BUFFERED / 3 {
+                return Err(format!("{items} items in a handshake reply"));
+            }
+            let mut values = Vec::with_capacity(items.min(64));
+            let mut pos = next;
+            for _ in 0..items {
+                match parse_at(buf, pos, depth + 1)? {
+                    Some((value, after)) => {
+                        values.push(value);
+                        pos = after;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            if kind == b'|' {
+                // Attributes describe the value that follows: skip them.
+                return parse_at(buf, pos, depth + 1);
+            }
+            let reply = if kind == b'>' {
+                Reply::Push(values)
+            } else {
+                Reply::Array(values)
+            };
+            (reply, pos)
+        }
+        other => return Err(format!("unknown reply type {:?}", other as char)),
+    };
+    Ok(Some(reply))
+}
+
+/// A connection read one reply at a time.
+pub(super) struct Replies {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Replies {
+    pub(super) fn new(stream: TcpStream) -> Replies {
+        Replies {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub(super) fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// The next reply or push.
+    pub(super) async fn next(&mut self) -> io::Result<Reply> {
+        loop {
+            match parse(&self.buf).map_err(|e| invalid(&e))? {
+                Some((reply, used)) => {
+                    self.buf.drain(..used);
+                    return Ok(reply);
+                }
+                None if self.buf.len() >= MAX_BUFFERED => {
+                    return Err(invalid("more than 1 MiB of handshake replies"));
+                }
+                None => {
+                    let mut chunk = [0u8; 4096];
+                    let n = self.stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "Redis closed the connection",
+                        ));
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+
+    /// The connection, nothing read ahead (for the pool).
+    pub(super) fn into_idle(self) -> io::Result<TcpStream> {
+        if self.buf.is_empty() {
+            Ok(self.stream)
+        } else {
+            Err(invalid("Redis sent more than was asked"))
+        }
+    }
+
+    /// The connection, with the bytes already read put back in front.
+    pub(super) fn into_stream(self) -> Prefixed {
+        Prefixed {
+            prefix: self.buf,
+            read: 0,
+            inner: self.stream,
+        }
+    }
+}
+
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.to_string())
+}
+
+/// A TCP stream whose first reads return bytes already taken off it.
+pub(super) struct Prefixed {
+    prefix: Vec<u8>,
+    read: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.prefix.len() {
+            let left = &this.prefix[this.read..];
+            let n = left.len().min(out.remaining());
+            out.put_slice(&left[..n]);
+            this.read += n;
+            if this.read == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(bytes: &[u8]) -> Reply {
+        let (reply, used) = parse(bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len(), "{}", String::from_utf8_lossy(bytes));
+        reply
+    }
+
+    #[test]
+    fn reads_the_replies_of_a_handshake() {
+        assert_eq!(whole(b"+OK\r\n"), Reply::Simple(b"OK".to_vec()));
+        assert_eq!(
+            whole(b"-ERR unknown command 'HELLO'\r\n"),
+            Reply::Error("ERR unknown command 'HELLO'".into())
+        );
+        assert_eq!(
+            whole(b">3\r\n$9\r\nsubscribe\r\n$4\r\nlock\r\n:1\r\n"),
+            Reply::Push(vec![
+                Reply::Bulk(Some(b"subscribe".to_vec())),
+                Reply::Bulk(Some(b"lock".to_vec())),
+                Reply::Int(1),
+            ])
+        );
+        assert_eq!(
+            whole(b"*2\r\n:1\r\n:1883242065035264\r\n"),
+            Reply::Array(vec![Reply::Int(1), Reply::Int(1_883_242_065_035_264)])
+        );
+        // HELLO 3's map, with a nested empty array and a RESP3 null.
+        let hello = b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n\
+                      $7\r\nmodules\r\n*0\r\n";
+        assert!(matches!(whole(hello), Reply::Array(v) if v.len() == 6));
+        assert_eq!(whole(b"_\r\n"), Reply::Bulk(None));
+        assert_eq!(whole(b"$-1\r\n"), Reply::Bulk(None));
+        let message = whole(b">3\r\n$7\r\nmessage\r\n$4\r\nlock\r\n$4\r\nping\r\n");
+        assert_eq!(message.message_payload(), Some(&b"ping"[..]));
+        assert_eq!(Reply::Int(1).message_payload(), None);
+    }
+
+    #[test]
+    fn waits_for_a_whole_reply_and_takes_only_one() {
+        let two = b"+OK\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n";
+        for cut in 0..two.len() {
+            match parse(&two[..cut]).unwrap() {
+                None => assert!(cut < 5, "complete at {cut}"),
+                Some((reply, used)) => {
+                    assert_eq!((reply, used), (Reply::Simple(b"OK".to_vec()), 5));
+                }
+            }
+        }
+        let after_ok = &two[5..];
+        for cut in 0..after_ok.len() {
+            assert_eq!(parse(&after_ok[..cut]).unwrap(), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_reply() {
+        for junk in [
+            &b"?what\r\n"[..],
+            b":12x\r\n",
+            b"$3\r\nabcd\r\n",
+            b"\r\n",
+            b"$99999999999\r\n",
+            b"*99999999999\r\n",
+        ] {
+            assert!(parse(junk).is_err(), "{}", String::from_utf8_lossy(junk));
+        }
+        let deep = "*1\r\n".repeat(MAX_DEPTH + 2) + ":1\r\n";
+        assert!(parse(deep.as_bytes()).is_err());
+    }
+}
