@@ -1,6 +1,7 @@
 #!/bin/bash
 # A/B of two padlockd builds with one client, runs alternating:
 #   bash docs/bench-ab.sh OLD_PADLOCKD NEW_PADLOCKD [ROUNDS] [extra bench flags, e.g. --seconds 5]
+#   bash docs/bench-ab.sh OLD NEW 3 --kind redis --handoffs 300   # the redis kind
 # (bench defaults: 3 s per phase, 64 clients; the memory phase is skipped)
 # Each run gets a fresh lock directory; the client is ./target/release/padlock
 # (or $PADLOCK_BENCH_CLIENT). Prints the rows of each run and the ratios to a
@@ -16,7 +17,8 @@ for round in $(seq "$rounds"); do
   for v in old new; do
     bin=$old; [ "$v" = new ] && bin=$new
     rm -rf "$dir/locks" && mkdir -p "$dir/locks"
-    "$bin" --listen 127.0.0.1:7421 --lock-dir "$dir/locks" >"$dir/server.log" 2>&1 &
+    "$bin" --listen 127.0.0.1:7421 --lock-dir "$dir/locks" \
+        --redis-url redis://127.0.0.1:6379 >"$dir/server.log" 2>&1 &
     pid=$!
     for _ in $(seq 50); do curl -sf http://127.0.0.1:7421/healthz >/dev/null && break; sleep 0.1; done
     echo "=== round $round $v ($bin)"
