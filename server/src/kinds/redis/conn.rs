@@ -1,6 +1,7 @@
-//! Connections: the shared command connection, a small pool of connected,
-//! authenticated RESP3 sockets, and the hand-written handshake that names a
-//! connection, subscribes it and counts the channel in one round trip.
+//! Connections: the shared command connection, a small pool of connected
+//! and authenticated sockets, and the hand-written handshake that switches
+//! a connection to RESP3, names it, subscribes it and counts the channel in
+//! one round trip.
 
 use super::resp::{Replies, Reply};
 use super::{Inner, POOL_SIZE};
@@ -99,25 +100,15 @@ impl Inner {
             auth.arg(password);
             simple_command(&mut stream, &auth).await?;
         }
-        // RESP3, so a subscribed connection can still run commands (the
-        // count that follows a subscription rides in its round trip).
-        let mut replies = Replies::new(stream);
-        replies
-            .stream_mut()
-            .write_all(&redis::cmd("HELLO").arg(3).get_packed_command())
-            .await?;
-        match replies.next().await? {
-            Reply::Array(_) => {}
-            Reply::Error(e) => {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::RESP3NotSupported,
-                    "Redis refused HELLO 3 (the redis kind needs Redis 6 or later)",
-                    e,
-                )));
-            }
-            other => return Err(unexpected("HELLO", &other)),
-        }
-        Ok(replies.into_idle()?)
+        Ok(stream)
+    }
+
+    /// Checks on a new connection that Redis speaks RESP3 (Redis 6 or
+    /// later), which every subscription needs.
+    pub(super) async fn check_resp3(&self) -> redis::RedisResult<()> {
+        let mut replies = Replies::new(self.connect().await?);
+        replies.stream_mut().write_all(&hello()).await?;
+        check_hello(replies.next().await?)
     }
 
     pub(super) fn take_pooled(&self) -> Option<tokio::net::TcpStream> {
@@ -171,7 +162,8 @@ async fn name_and_subscribe(
     channels: &[&str],
     then: Option<&redis::Cmd>,
 ) -> redis::RedisResult<(Replies, Vec<Vec<u8>>, Option<Reply>)> {
-    let mut out = Vec::new();
+    // RESP3, so the subscribed connection can still run `then`.
+    let mut out = hello();
     if let Some(name) = client_name {
         out.extend(
             redis::cmd("CLIENT")
@@ -188,6 +180,7 @@ async fn name_and_subscribe(
     }
     let mut replies = Replies::new(stream);
     replies.stream_mut().write_all(&out).await?;
+    check_hello(replies.next().await?)?;
     if client_name.is_some() {
         match replies.next().await? {
             Reply::Simple(ok) if ok == b"OK" => {}
@@ -226,6 +219,23 @@ async fn name_and_subscribe(
         }
     }
     Ok((replies, early, then_reply))
+}
+
+fn hello() -> Vec<u8> {
+    redis::cmd("HELLO").arg(3).get_packed_command()
+}
+
+/// HELLO 3's reply is a map of the server's details.
+fn check_hello(reply: Reply) -> redis::RedisResult<()> {
+    match reply {
+        Reply::Array(_) => Ok(()),
+        Reply::Error(e) => Err(redis::RedisError::from((
+            redis::ErrorKind::RESP3NotSupported,
+            "Redis refused HELLO 3 (the redis kind needs Redis 6 or later)",
+            e,
+        ))),
+        other => Err(unexpected("HELLO", &other)),
+    }
 }
 
 fn refused_or_unexpected(command: &str, reply: Reply) -> redis::RedisError {

@@ -180,16 +180,10 @@ impl RedisKind {
         inner.check_health().await;
         // A Redis that answers but refuses RESP3 (older than 6) can never
         // grant: say so at startup. A Redis that is down is tried later.
-        match inner.connect().await {
-            Ok(stream) => inner
-                .pool
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(stream),
-            Err(e) if e.kind() == redis::ErrorKind::RESP3NotSupported => {
-                return Err(format!("redis at '{url}': {e}"));
-            }
-            Err(_) => {}
+        if let Err(e) = inner.check_resp3().await
+            && e.kind() == redis::ErrorKind::RESP3NotSupported
+        {
+            return Err(format!("redis at '{url}': {e}"));
         }
         tokio::spawn(monitor(Arc::downgrade(&inner)));
         Ok(RedisKind { inner })

@@ -188,15 +188,6 @@ impl Replies {
         }
     }
 
-    /// The connection, nothing read ahead (for the pool).
-    pub(super) fn into_idle(self) -> io::Result<TcpStream> {
-        if self.buf.is_empty() {
-            Ok(self.stream)
-        } else {
-            Err(invalid("Redis sent more than was asked"))
-        }
-    }
-
     /// The connection, with the bytes already read put back in front.
     pub(super) fn into_stream(self) -> Prefixed {
         Prefixed {
