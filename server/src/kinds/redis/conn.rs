@@ -284,3 +284,128 @@ pub(super) async fn read_ok(stream: &mut tokio::net::TcpStream) -> redis::RedisR
 pub(super) fn io_error(message: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, message.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::redis::resp::parse;
+    use futures_util::StreamExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A fake Redis: reads `commands` pipelined commands, answers them all
+    /// with `answer` in one write, and returns what it was asked (each
+    /// command as its words) once the client hangs up.
+    async fn fake_redis(commands: usize, answer: &'static [u8]) -> (TcpStream, FakeAsked) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut server, _) = accepted.unwrap();
+        let asked = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut asked = Vec::new();
+            while asked.len() < commands {
+                let mut chunk = [0u8; 4096];
+                let n = server.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the client hung up after {asked:?}");
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((Reply::Array(words), used)) = parse(&buf).unwrap() {
+                    buf.drain(..used);
+                    asked.push(
+                        words
+                            .iter()
+                            .map(|w| match w {
+                                Reply::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+                                other => panic!("not a command word: {other:?}"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    );
+                }
+            }
+            server.write_all(answer).await.unwrap();
+            // Hold the connection until the client closes it.
+            let _ = server.read(&mut [0u8; 64]).await;
+            asked
+        });
+        (client.unwrap(), asked)
+    }
+
+    type FakeAsked = tokio::task::JoinHandle<Vec<String>>;
+
+    #[tokio::test]
+    async fn the_handshake_keeps_the_messages_around_the_count_in_order() {
+        // A ping published between the subscription and the count's reply,
+        // and one after it.
+        let (stream, asked) = fake_redis(
+            4,
+            b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n\
+              +OK\r\n\
+              >3\r\n$9\r\nsubscribe\r\n$4\r\nlock\r\n:1\r\n\
+              >3\r\n$7\r\nmessage\r\n$4\r\nlock\r\n$5\r\nearly\r\n\
+              *2\r\n:1\r\n:42\r\n\
+              >3\r\n$7\r\nmessage\r\n$4\r\nlock\r\n$4\r\nlate\r\n",
+        )
+        .await;
+        let count = redis::cmd("EVAL").arg("count").clone();
+        let (replies, early, then) =
+            name_and_subscribe(stream, Some("lock-lock-ab"), &["lock"], Some(&count))
+                .await
+                .unwrap();
+        assert_eq!(early, vec![b"early".to_vec()]);
+        assert_eq!(
+            then,
+            Some(Reply::Array(vec![Reply::Int(1), Reply::Int(42)]))
+        );
+        // What was read past the count's reply reaches the pub/sub reader.
+        let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
+        let pubsub = redis::aio::PubSub::new(&settings, replies.into_stream())
+            .await
+            .unwrap();
+        let (sink, mut messages) = pubsub.split();
+        let late = timeout(std::time::Duration::from_secs(5), messages.next())
+            .await
+            .expect("the message after the count is delivered")
+            .unwrap();
+        assert_eq!(late.get_payload_bytes(), b"late");
+        drop((sink, messages));
+        assert_eq!(
+            asked.await.unwrap(),
+            [
+                "HELLO 3",
+                "CLIENT SETNAME lock-lock-ab",
+                "SUBSCRIBE lock",
+                "EVAL count"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_step_fails_the_handshake_and_says_why() {
+        let (stream, _asked) = fake_redis(3, b"-ERR unknown command 'HELLO'\r\n").await;
+        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), redis::ErrorKind::RESP3NotSupported, "{err}");
+        let (stream, _asked) = fake_redis(
+            3,
+            b"%0\r\n-NOPERM this user has no permissions to run 'client|setname'\r\n",
+        )
+        .await;
+        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("NOPERM"), "{err}");
+        let (stream, _asked) = fake_redis(
+            3,
+            b"%0\r\n+OK\r\n>3\r\n$9\r\nsubscribe\r\n$5\r\nother\r\n:1\r\n",
+        )
+        .await;
+        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("SUBSCRIBE"), "{err}");
+    }
+}
