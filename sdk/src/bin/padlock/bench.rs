@@ -196,12 +196,22 @@ pub async fn run(
     );
 
     // Many clients, distinct names, one connection each. Every client
-    // connects first; then all start at once, so the window is shared.
+    // connects first, and takes and releases its lock once untimed (which
+    // opens its Session stream: connection set-up, not a lock cycle);
+    // then all start at once, so the window is shared.
     let (go, start) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..args.clients {
         let c = connection.clone().connect().await.map_err(err)?;
         let builder = args.lock(&c, &format!("client-{i}"));
+        builder
+            .clone()
+            .acquire()
+            .await
+            .map_err(err)?
+            .release()
+            .await
+            .map_err(err)?;
         let mut start = start.clone();
         tasks.push(tokio::spawn(async move {
             let _ = start.wait_for(|go| *go).await;
