@@ -225,13 +225,20 @@ fn hello() -> Vec<u8> {
     redis::cmd("HELLO").arg(3).get_packed_command()
 }
 
-/// HELLO 3's reply is a map of the server's details.
+/// HELLO 3's reply is a map of the server's details. A Redis older than 6
+/// does not know the command; any other refusal (no password yet, still
+/// loading its data) is an ordinary failure, tried again later.
 fn check_hello(reply: Reply) -> redis::RedisResult<()> {
     match reply {
         Reply::Array(_) => Ok(()),
-        Reply::Error(e) => Err(redis::RedisError::from((
+        Reply::Error(e) if e.starts_with("ERR unknown command") => Err(redis::RedisError::from((
             redis::ErrorKind::RESP3NotSupported,
-            "Redis refused HELLO 3 (the redis kind needs Redis 6 or later)",
+            "Redis does not know HELLO 3 (the redis kind needs Redis 6 or later)",
+            e,
+        ))),
+        Reply::Error(e) => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "Redis refused HELLO 3",
             e,
         ))),
         other => Err(unexpected("HELLO", &other)),
@@ -387,6 +394,14 @@ mod tests {
             .err()
             .expect("refused");
         assert_eq!(err.kind(), redis::ErrorKind::RESP3NotSupported, "{err}");
+        // Not an old Redis: one that wants a password first.
+        let (stream, _asked) = fake_redis(3, b"-NOAUTH Authentication required.\r\n").await;
+        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+            .await
+            .err()
+            .expect("refused");
+        assert_ne!(err.kind(), redis::ErrorKind::RESP3NotSupported, "{err}");
+        assert!(err.to_string().contains("NOAUTH"), "{err}");
         let (stream, _asked) = fake_redis(
             3,
             b"%0\r\n-NOPERM this user has no permissions to run 'client|setname'\r\n",
