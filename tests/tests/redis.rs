@@ -583,3 +583,33 @@ async fn a_redis_only_server_refuses_node_local_kinds() {
         .await
         .unwrap();
 }
+
+/// A `--redis-url` that names a database keeps the fence counters there,
+/// also when the fence is drawn on the subscription's own connection (an
+/// uncontended grant), where portalocker on that database finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_live_in_the_database_the_url_names() {
+    let Some(redis) = own_redis() else {
+        return;
+    };
+    let url = format!("{}/5", redis.url);
+    let server = Server::start_with_args(&["--redis-url", &url]);
+    let client = server.client().await;
+    let guard = client.lock("db/report").redis().acquire().await.unwrap();
+    let counter = |db: &str| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "-n", db])
+            .args(["GET", "db/report-fence"])
+            .output()
+            .expect("redis-cli runs (it comes with redis-server)");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(counter("5"), guard.fence().to_string());
+    assert_eq!(counter("0"), "", "no fence counter in database 0");
+    let first = guard.fence();
+    guard.release().await.unwrap();
+    let again = client.lock("db/report").redis().acquire().await.unwrap();
+    assert!(again.fence() > first);
+    assert_eq!(counter("5"), again.fence().to_string());
+}

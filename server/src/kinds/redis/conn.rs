@@ -40,10 +40,13 @@ impl Inner {
             None => (self.connect().await?, false),
         };
         self.refill_pool();
+        // Channels know no database, but `then` may touch keys (fences):
+        // in the database the URL names, as on the command connection.
+        let db = self.client.get_connection_info().redis_settings().db();
         let handshake = |stream| {
             timeout(
                 self.config.health_timeout,
-                name_and_subscribe(stream, client_name, channels, then),
+                name_and_subscribe(stream, db, client_name, channels, then),
             )
         };
         let first = handshake(stream).await;
@@ -86,29 +89,36 @@ impl Inner {
                 "only plain TCP is supported",
             )));
         };
-        let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
-        let mut stream = timeout(self.config.health_timeout, connect)
-            .await
-            .map_err(|_| io_error("timed out connecting to Redis"))??;
-        stream.set_nodelay(true)?;
         let settings = info.redis_settings();
-        if let Some(password) = settings.password() {
-            let mut auth = redis::cmd("AUTH");
-            if let Some(user) = settings.username() {
-                auth.arg(user);
+        let connect = async {
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            stream.set_nodelay(true)?;
+            if let Some(password) = settings.password() {
+                let mut auth = redis::cmd("AUTH");
+                if let Some(user) = settings.username() {
+                    auth.arg(user);
+                }
+                auth.arg(password);
+                simple_command(&mut stream, &auth).await?;
             }
-            auth.arg(password);
-            simple_command(&mut stream, &auth).await?;
-        }
-        Ok(stream)
+            Ok(stream)
+        };
+        timeout(self.config.health_timeout, connect)
+            .await
+            .map_err(|_| io_error("timed out connecting to Redis"))?
     }
 
     /// Checks on a new connection that Redis speaks RESP3 (Redis 6 or
     /// later), which every subscription needs.
     pub(super) async fn check_resp3(&self) -> redis::RedisResult<()> {
         let mut replies = Replies::new(self.connect().await?);
-        replies.stream_mut().write_all(&hello()).await?;
-        check_hello(replies.next().await?)
+        let hello = async {
+            replies.stream_mut().write_all(&hello()).await?;
+            check_hello(replies.next().await?)
+        };
+        timeout(self.config.health_timeout, hello)
+            .await
+            .map_err(|_| io_error("Redis did not answer HELLO"))?
     }
 
     pub(super) fn take_pooled(&self) -> Option<tokio::net::TcpStream> {
@@ -158,12 +168,16 @@ pub(super) struct Subscribed {
 /// kept, in order; whatever follows stays on the connection.
 async fn name_and_subscribe(
     stream: tokio::net::TcpStream,
+    db: i64,
     client_name: Option<&str>,
     channels: &[&str],
     then: Option<&redis::Cmd>,
 ) -> redis::RedisResult<(Replies, Vec<Vec<u8>>, Option<Reply>)> {
     // RESP3, so the subscribed connection can still run `then`.
     let mut out = hello();
+    if db != 0 {
+        out.extend(redis::cmd("SELECT").arg(db).get_packed_command());
+    }
     if let Some(name) = client_name {
         out.extend(
             redis::cmd("CLIENT")
@@ -181,18 +195,27 @@ async fn name_and_subscribe(
     let mut replies = Replies::new(stream);
     replies.stream_mut().write_all(&out).await?;
     check_hello(replies.next().await?)?;
+    if db != 0 {
+        expect_ok(&mut replies, "SELECT").await?;
+    }
     if client_name.is_some() {
-        match replies.next().await? {
-            Reply::Simple(ok) if ok == b"OK" => {}
-            other => return Err(refused_or_unexpected("CLIENT SETNAME", other)),
-        }
+        expect_ok(&mut replies, "CLIENT SETNAME").await?;
     }
     let mut early = Vec::new();
+    let keep = |early: &mut Vec<Vec<u8>>, payload: &[u8]| {
+        if early.len() >= MAX_EARLY {
+            return Err(io_error(
+                "too many messages during a subscription's handshake",
+            ));
+        }
+        early.push(payload.to_vec());
+        Ok(())
+    };
     let mut confirmed = 0;
     while confirmed < channels.len() {
         let reply = replies.next().await?;
         if let Some(payload) = reply.message_payload() {
-            early.push(payload.to_vec());
+            keep(&mut early, payload)?;
             continue;
         }
         let expected = Reply::Push(vec![
@@ -210,7 +233,7 @@ async fn name_and_subscribe(
         loop {
             let reply = replies.next().await?;
             match reply.message_payload() {
-                Some(payload) => early.push(payload.to_vec()),
+                Some(payload) => keep(&mut early, payload)?,
                 None => {
                     then_reply = Some(reply);
                     break;
@@ -219,6 +242,17 @@ async fn name_and_subscribe(
         }
     }
     Ok((replies, early, then_reply))
+}
+
+/// Most messages kept from one handshake: pings come one per contender
+/// probe, and the handshake lasts one round trip.
+const MAX_EARLY: usize = 1024;
+
+async fn expect_ok(replies: &mut Replies, command: &str) -> redis::RedisResult<()> {
+    match replies.next().await? {
+        Reply::Simple(ok) if ok == b"OK" => Ok(()),
+        other => Err(refused_or_unexpected(command, other)),
+    }
 }
 
 fn hello() -> Vec<u8> {
@@ -355,7 +389,7 @@ mod tests {
         .await;
         let count = redis::cmd("EVAL").arg("count").clone();
         let (replies, early, then) =
-            name_and_subscribe(stream, Some("lock-lock-ab"), &["lock"], Some(&count))
+            name_and_subscribe(stream, 0, Some("lock-lock-ab"), &["lock"], Some(&count))
                 .await
                 .unwrap();
         assert_eq!(early, vec![b"early".to_vec()]);
@@ -389,14 +423,14 @@ mod tests {
     #[tokio::test]
     async fn a_refused_step_fails_the_handshake_and_says_why() {
         let (stream, _asked) = fake_redis(3, b"-ERR unknown command 'HELLO'\r\n").await;
-        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");
         assert_eq!(err.kind(), redis::ErrorKind::RESP3NotSupported, "{err}");
         // Not an old Redis: one that wants a password first.
         let (stream, _asked) = fake_redis(3, b"-NOAUTH Authentication required.\r\n").await;
-        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");
@@ -407,7 +441,7 @@ mod tests {
             b"%0\r\n-NOPERM this user has no permissions to run 'client|setname'\r\n",
         )
         .await;
-        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");
@@ -417,7 +451,7 @@ mod tests {
             b"%0\r\n+OK\r\n>3\r\n$9\r\nsubscribe\r\n$5\r\nother\r\n:1\r\n",
         )
         .await;
-        let err = name_and_subscribe(stream, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");

@@ -169,6 +169,10 @@ impl Contender {
             .then
             .ok_or_else(|| io_error("no reply to the subscriber count"))?;
         let (subscribers, fence) = self.inner.fence_if_alone_reply(&self.name, reply)?;
+        if subscribers == 0 {
+            // Counted right behind its own subscription: at least this one.
+            return Err(io_error("Redis counted no subscriber right after a subscription").into());
+        }
         let mode = match (self.exclusive(), subscribers <= 1) {
             (true, true) => WireMode::Exclusive,
             (true, false) => WireMode::Pending,

@@ -69,8 +69,11 @@ impl Participant {
 
     /// Proves the subscription was still alive, and ends it, for a
     /// release: an UNSUBSCRIBE on its own connection, answered by Redis
-    /// within `limit`. A connection Redis closed (reaped by another
-    /// instance while this one was paused) fails. Unsubscribing here, not
+    /// within `limit`. Redis answers on any live connection, subscribed or
+    /// not; the proof is that the connection was alive, because only the
+    /// connection itself can drop its subscription (a reaper closes the
+    /// connection). A connection Redis closed (reaped by another instance
+    /// while this one was paused) fails. Unsubscribing here, not
     /// when the connection closes later, frees the lock on Redis before
     /// the release is answered and the next waiter contends.
     pub(super) fn confirm(self: &Arc<Self>, limit: Duration) -> Confirmation {
