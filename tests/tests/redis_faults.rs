@@ -256,3 +256,97 @@ async fn a_refusing_backend_costs_few_connections() {
     assert!(allowed.is_held());
     assert_unharmed(&server).await;
 }
+
+/// A stand-in for Redis 5 on `listener`: answers PING, and refuses every
+/// other command as unknown (Redis 5 has no HELLO, so no RESP3).
+fn old_redis(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                let mut line = |reader: &mut BufReader<std::net::TcpStream>| {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(n) if n > 0 => Some(line.trim_end().to_string()),
+                        _ => None,
+                    }
+                };
+                while let Some(head) = line(&mut reader) {
+                    let Some(count) = head.strip_prefix('*').and_then(|n| n.parse().ok()) else {
+                        return;
+                    };
+                    let mut words: Vec<String> = Vec::new();
+                    for _ in 0..count {
+                        let Some(len) = line(&mut reader) else { return };
+                        let len: usize = len.trim_start_matches('$').parse().unwrap();
+                        let mut word = vec![0u8; len + 2];
+                        std::io::Read::read_exact(&mut reader, &mut word).unwrap();
+                        words.push(String::from_utf8_lossy(&word[..len]).into_owned());
+                    }
+                    let reply = match words.first().map(|w| w.to_uppercase()) {
+                        Some(ping) if ping == "PING" => "+PONG\r\n".to_string(),
+                        Some(_) => format!(
+                            "-ERR unknown command `{}`, with args beginning with: \r\n",
+                            words[0]
+                        ),
+                        None => return,
+                    };
+                    if writer.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// The redis kind needs RESP3 (Redis 6 or later): padlockd refuses to
+/// start on an older Redis, and one met after startup (Redis was down
+/// then) fails redis acquires at once with the reason, instead of letting
+/// them wait on attempts that cannot succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_without_resp3_is_refused_with_the_reason() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    old_redis(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(padlock_e2e::bin("padlockd"))
+        .args(["--listen", "127.0.0.1:0", "--redis-url", &url])
+        .arg("--lock-dir")
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = rx
+        .recv_timeout(GUARD)
+        .expect("padlockd exits on a Redis without RESP3")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("Redis 6 or later"), "{stderr}");
+
+    // Down at startup, an old Redis later on the same port.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let server = Server::start_with_args(&["--redis-url", &format!("redis://127.0.0.1:{port}")]);
+    old_redis(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let client = server.client().await;
+    let refused = padlock_e2e::eventually_ok("a refusal that names HELLO", GUARD, async || {
+        let waiting = client.lock("old").redis().wait(Duration::from_secs(120));
+        match waiting.acquire().await {
+            Ok(_) => panic!("granted by a Redis without pub/sub"),
+            Err(Error::Status(s)) if s.message().contains("HELLO") => Ok(s),
+            // Until the health monitor sees Redis answer: "unavailable".
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_unharmed(&server).await;
+}

@@ -63,7 +63,9 @@ impl Contender {
                     // Dropping the membership closes its subscription.
                     self.participant = None;
                     self.elected = false;
-                    if self.try_once {
+                    // A Redis without RESP3 (older than 6, met after
+                    // startup) can never grant: say so instead of waiting.
+                    if self.try_once || e.kind() == redis::ErrorKind::RESP3NotSupported {
                         return Err(LockError::Unavailable(format!("redis: {e}")));
                     }
                     if failures == 0 {
