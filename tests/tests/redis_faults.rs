@@ -266,7 +266,7 @@ fn old_redis(listener: std::net::TcpListener) {
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut writer = conn;
-                let mut line = |reader: &mut BufReader<std::net::TcpStream>| {
+                let line = |reader: &mut BufReader<std::net::TcpStream>| {
                     let mut line = String::new();
                     match reader.read_line(&mut line) {
                         Ok(n) if n > 0 => Some(line.trim_end().to_string()),
