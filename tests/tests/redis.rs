@@ -613,3 +613,52 @@ async fn fences_live_in_the_database_the_url_names() {
     assert!(again.fence() > first);
     assert_eq!(counter("5"), again.fence().to_string());
 }
+
+/// A released lock's connection goes back to the pool clean (no
+/// subscription, no name) and serves later grants, instead of one new
+/// Redis connection per grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_connections_are_reused_clean() {
+    let Some(redis) = own_redis() else {
+        return;
+    };
+    let server = Server::on_redis(&redis);
+    let client = server.client().await;
+    let accepted = || -> u64 {
+        let info = redis.command(&["INFO", "stats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats has total_connections_received")
+    };
+    let before = accepted();
+    let mut fences = Vec::new();
+    for i in 0..50 {
+        let name = format!("reuse/{}", i % 2);
+        let guard = client.lock(&name).redis().acquire().await.unwrap();
+        fences.push(guard.fence());
+        guard.release().await.unwrap();
+    }
+    let opened = accepted() - before;
+    assert!(
+        opened < 25,
+        "{opened} Redis connections opened for 50 grants (one each without reuse)"
+    );
+    for name in ["reuse/0", "reuse/1"] {
+        assert_eq!(
+            redis.command(&["PUBSUB", "NUMSUB", name]).lines().nth(1),
+            Some("0"),
+            "a pooled connection is still subscribed to {name}"
+        );
+    }
+    let clients = redis.command(&["CLIENT", "LIST"]);
+    assert!(
+        !clients.contains("name=reuse/"),
+        "a released lock's connection kept its name:\n{clients}"
+    );
+    let (even, odd): (Vec<_>, Vec<_>) = fences.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    for side in [even, odd] {
+        let side: Vec<u64> = side.into_iter().map(|(_, f)| *f).collect();
+        assert_strictly_increasing(&side);
+    }
+}

@@ -3,9 +3,11 @@
 //! a connection to RESP3, names it, subscribes it and counts the channel in
 //! one round trip.
 
+use super::link::{Driver, Link, LinkSink};
+use super::participant::{ended_cleanly, ending};
 use super::resp::{Replies, Reply};
-use super::{Inner, POOL_SIZE};
-use redis::aio::{ConnectionManager, PubSubSink, PubSubStream};
+use super::{Inner, POOL_MAX, POOL_SIZE};
+use redis::aio::ConnectionManager;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
@@ -24,7 +26,7 @@ impl Inner {
         Ok(count)
     }
 
-    /// Opens a connection, names it, subscribes it to `channels`, and runs
+    /// Takes a connection, names it, subscribes it to `channels`, and runs
     /// `then` on it in the same round trip (RESP3 allows any command on a
     /// subscribed connection, and Redis runs a connection's commands in
     /// order, so `then` sees the subscription).
@@ -62,22 +64,45 @@ impl Inner {
         } else {
             first
         };
-        let (replies, early, then_reply) = match done {
+        let (replies, early, then) = match done {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(io_error("Redis did not confirm a subscription").into()),
         };
-        // Authenticated, named and subscribed already; pub/sub ignores the
-        // database: nothing left for the client library to set up.
-        let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
-        let pubsub = redis::aio::PubSub::new(&settings, replies.into_stream()).await?;
-        let (sink, messages) = pubsub.split();
         Ok(Subscribed {
-            sink,
-            messages,
-            early,
-            then: then_reply,
+            link: Link::start(replies, early),
+            then,
         })
+    }
+
+    /// Gives a held lock's connection back to the pool once its
+    /// subscription is over: ended by the release already (`ended`), or
+    /// here, the same way ([`ending`]: unsubscribed, unnamed, the release
+    /// announced), confirmed, with nothing left unread. Otherwise `driver`
+    /// is dropped, which closes the connection.
+    pub(super) fn recycle(&self, link: LinkSink, driver: Driver, channel: &str, ended: bool) {
+        let Some(inner) = self.me.upgrade() else {
+            return;
+        };
+        let channel = channel.to_string();
+        tokio::spawn(async move {
+            let _driver = driver;
+            let limit = inner.config.health_timeout;
+            if !ended {
+                let Ok(Some(replies)) = timeout(limit, link.send(&ending(&channel))).await else {
+                    return;
+                };
+                if !ended_cleanly(&channel, &replies) {
+                    return;
+                }
+            }
+            if let Ok(Some(stream)) = timeout(limit, link.give_back()).await {
+                let mut pool = inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < POOL_MAX {
+                    pool.push(stream);
+                }
+            }
+        });
     }
 
     /// A new authenticated connection to Redis.
@@ -150,13 +175,9 @@ impl Inner {
     }
 }
 
-/// A subscription handed to the client library's pub/sub reader.
+/// A subscribed connection, driven.
 pub(super) struct Subscribed {
-    pub(super) sink: PubSubSink,
-    pub(super) messages: PubSubStream,
-    /// Payloads of messages that arrived before the last reply of the
-    /// handshake, in order: they come before `messages`.
-    pub(super) early: Vec<Vec<u8>>,
+    pub(super) link: Link,
     /// The reply to the command run after subscribing.
     pub(super) then: Option<Reply>,
 }
@@ -330,7 +351,6 @@ pub(super) fn io_error(message: &str) -> std::io::Error {
 mod tests {
     use super::*;
     use crate::kinds::redis::resp::parse;
-    use futures_util::StreamExt;
     use tokio::net::{TcpListener, TcpStream};
 
     /// A fake Redis: reads `commands` pipelined commands, answers them all
@@ -397,18 +417,17 @@ mod tests {
             then,
             Some(Reply::Array(vec![Reply::Int(1), Reply::Int(42)]))
         );
-        // What was read past the count's reply reaches the pub/sub reader.
-        let settings = redis::RedisConnectionInfo::default().set_skip_set_lib_name();
-        let pubsub = redis::aio::PubSub::new(&settings, replies.into_stream())
-            .await
-            .unwrap();
-        let (sink, mut messages) = pubsub.split();
-        let late = timeout(std::time::Duration::from_secs(5), messages.next())
-            .await
-            .expect("the message after the count is delivered")
-            .unwrap();
-        assert_eq!(late.get_payload_bytes(), b"late");
-        drop((sink, messages));
+        // What was read past the count's reply reaches the link's reader,
+        // after the early one.
+        let mut link = Link::start(replies, early);
+        for expected in [&b"early"[..], b"late"] {
+            let got = timeout(std::time::Duration::from_secs(5), link.messages.recv())
+                .await
+                .expect("the messages are delivered")
+                .unwrap();
+            assert_eq!(got, expected);
+        }
+        drop(link);
         assert_eq!(
             asked.await.unwrap(),
             [

@@ -10,7 +10,6 @@ use super::wire::{Record, WireMode, hex_id, release_channel};
 use crate::error::LockError;
 use crate::fds::FdToken;
 use crate::kinds::{Held, OnLost};
-use futures_util::StreamExt;
 use padlock_proto::Mode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,7 +96,7 @@ impl Contender {
                 Some((subscribed, _)) => {
                     // The connection ended: poll instead, and let the
                     // next turn open another.
-                    if let Ok(None) = timeout(poll, subscribed.messages.next()).await {
+                    if let Ok(None) = timeout(poll, subscribed.link.messages.recv()).await {
                         wakeups = None;
                         sleep(poll).await;
                     }
@@ -180,6 +179,7 @@ impl Contender {
             (true, false) => WireMode::Pending,
             (false, _) => WireMode::Shared,
         };
+        let link = subscribed.link;
         let participant = Arc::new(Participant {
             holder_id: self.holder_id.clone(),
             channel: self.name.clone(),
@@ -187,13 +187,14 @@ impl Contender {
             dead: AtomicBool::new(false),
             on_lost: Mutex::new(None),
             task: Mutex::new(None),
-            sink: subscribed.sink,
+            sink: link.sink,
+            driver: Mutex::new(Some(link.driver)),
+            ended: AtomicBool::new(false),
         });
         let task = tokio::spawn(answer_pings(
             self.inner.clone(),
             participant.clone(),
-            subscribed.early,
-            subscribed.messages,
+            link.messages,
             None,
         ));
         *participant.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());

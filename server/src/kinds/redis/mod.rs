@@ -27,7 +27,9 @@
 //! published on a lock channel; releases are announced on the side channel
 //! `<name>-padlock-released`, which portalocker does not listen to, so
 //! padlockd waiters on other instances retry at once instead of at their
-//! next poll.
+//! next poll. A subscription connection is driven by padlockd itself
+//! ([`link`]); a released lock's connection, unsubscribed and unnamed,
+//! goes back to the pool.
 //!
 //! Faults: a holder whose subscription connection closes is told `Lost` at
 //! once. A monitor pings Redis every [`RedisConfig::health_interval`]; when
@@ -41,7 +43,8 @@
 //! [`election`] (its election rules, as pure functions), [`contender`] (one
 //! waiter's acquisition, driven by them), [`participant`] (a subscription
 //! answering pings, and the held lock), [`conn`] (the connection pool and
-//! the subscription handshake), [`probe`] (asking every subscriber for its
+//! the subscription handshake), [`link`] (a subscription connection's
+//! reader), [`resp`] (the replies it reads), [`probe`] (asking every subscriber for its
 //! record, reaping the silent), [`fence`] (the Lua fence scripts) and
 //! [`health`] (the monitor that tells holders when Redis is gone).
 
@@ -50,6 +53,7 @@ mod contender;
 mod election;
 mod fence;
 mod health;
+mod link;
 mod participant;
 mod probe;
 mod resp;
@@ -132,6 +136,10 @@ struct Inner {
 
 /// Idle connections kept ready for new subscriptions.
 const POOL_SIZE: usize = 4;
+
+/// Most idle connections kept, counting those that held a lock and came
+/// back (each is a Redis client).
+const POOL_MAX: usize = 32;
 
 /// Most names whose last fence is remembered; past it the memory is
 /// cleared (the Redis-clock epoch floor still applies).

@@ -2,14 +2,15 @@
 //! with its record; once granted, the held lock.
 
 use super::Inner;
+use super::link::{Driver, LinkSink};
+use super::resp::Reply;
 use super::wire::{PROTOCOL_VERSION, WireMode, release_channel};
 use crate::fds::FdToken;
 use crate::kinds::{Confirmation, OnLost};
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 /// A live subscription on a lock channel: the reader task answers pings
@@ -24,10 +25,16 @@ pub(super) struct Participant {
     pub(super) dead: AtomicBool,
     /// Installed at grant: tells the table the lock was lost.
     pub(super) on_lost: Mutex<Option<OnLost>>,
-    /// The reader task; aborting it closes the connection.
+    /// The task answering pings.
     pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
-    /// Sends on the subscription connection itself (confirmation pings).
-    pub(super) sink: PubSubSink,
+    /// Sends on the subscription connection itself (the release's
+    /// UNSUBSCRIBE).
+    pub(super) sink: LinkSink,
+    /// The connection's driver: dropping it closes the connection.
+    pub(super) driver: Mutex<Option<Driver>>,
+    /// A release ended the subscription cleanly ([`ending`]): the
+    /// connection can go back to the pool as it is.
+    pub(super) ended: AtomicBool,
 }
 
 impl Participant {
@@ -65,6 +72,7 @@ impl Participant {
         if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
+        drop(self.driver.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// Proves the subscription was still alive, and ends it, for a
@@ -83,16 +91,58 @@ impl Participant {
             if participant.dead.load(Ordering::Acquire) {
                 return Err(closed());
             }
-            let mut sink = participant.sink.clone();
-            match timeout(limit, sink.unsubscribe(&participant.channel)).await {
-                Ok(Ok(_)) if !participant.dead.load(Ordering::Acquire) => Ok(()),
-                Ok(Ok(_)) | Ok(Err(_)) => Err(closed()),
+            let channel = &participant.channel;
+            match timeout(limit, participant.sink.send(&ending(channel))).await {
+                Ok(Some(replies)) if !participant.dead.load(Ordering::Acquire) => {
+                    match replies.first() {
+                        Some(Reply::Push(words)) if words.first() == Some(&unsubscribe_word()) => {
+                            let clean = ended_cleanly(channel, &replies);
+                            participant.ended.store(clean, Ordering::Release);
+                            Ok(())
+                        }
+                        _ => Err(format!("Redis did not confirm the release: {replies:?}")),
+                    }
+                }
+                Ok(_) => Err(closed()),
                 Err(_) => Err(format!(
                     "Redis did not confirm within {limit:?} that the lock was still held"
                 )),
             }
         })
     }
+}
+
+/// Ends a held lock's subscription on its own connection, in one write:
+/// `UNSUBSCRIBE` (its answer proves the connection was alive), the
+/// connection's name cleared (it goes back to the pool), and the release
+/// announced to padlockd waiters elsewhere.
+pub(super) fn ending(channel: &str) -> [redis::Cmd; 3] {
+    [
+        redis::cmd("UNSUBSCRIBE").arg(channel).clone(),
+        redis::cmd("CLIENT").arg("SETNAME").arg("").clone(),
+        redis::cmd("PUBLISH")
+            .arg(release_channel(channel))
+            .arg("released")
+            .clone(),
+    ]
+}
+
+/// Whether the replies to [`ending`] left the connection clean: no
+/// subscription left, no name.
+pub(super) fn ended_cleanly(channel: &str, replies: &[Reply]) -> bool {
+    let unsubscribed = Reply::Push(vec![
+        unsubscribe_word(),
+        Reply::Bulk(Some(channel.as_bytes().to_vec())),
+        Reply::Int(0),
+    ]);
+    matches!(
+        replies,
+        [first, Reply::Simple(ok), Reply::Int(_)] if *first == unsubscribed && ok == b"OK"
+    )
+}
+
+fn unsubscribe_word() -> Reply {
+    Reply::Bulk(Some(b"unsubscribe".to_vec()))
 }
 
 /// The one owner of a participant's subscription: dropping it closes the
@@ -114,21 +164,16 @@ impl std::ops::Deref for Membership {
     }
 }
 
-/// Answers every ping on the lock channel, first those that came during
-/// the subscription's handshake (`early`), until the connection ends (or
-/// the task is aborted, which closes the connection).
+/// Answers every ping on the lock channel until the connection ends (or
+/// the task is aborted).
 pub(super) async fn answer_pings(
     inner: Arc<Inner>,
     participant: Arc<Participant>,
-    early: Vec<Vec<u8>>,
-    mut messages: PubSubStream,
+    mut messages: mpsc::UnboundedReceiver<Vec<u8>>,
     _counted: Option<FdToken>,
 ) {
-    for payload in early {
+    while let Some(payload) = messages.recv().await {
         answer(&inner, &participant, &payload).await;
-    }
-    while let Some(msg) = messages.next().await {
-        answer(&inner, &participant, msg.get_payload_bytes()).await;
     }
     participant.lose("the redis subscription connection closed");
 }
@@ -174,17 +219,19 @@ impl Drop for HeldSubscription {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let was_alive = !self.membership.dead.load(Ordering::Acquire);
+        // The connection outlives the participant only to go back to the
+        // pool (it is closed if that fails).
+        let driver = self
+            .membership
+            .driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.membership.close();
-        if was_alive {
-            let mut commands = self.inner.commands();
-            let channel = release_channel(&self.name);
-            tokio::spawn(async move {
-                let _: redis::RedisResult<u64> = redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg("released")
-                    .query_async(&mut commands)
-                    .await;
-            });
+        if was_alive && let Some(driver) = driver {
+            let ended = self.membership.ended.load(Ordering::Acquire);
+            self.inner
+                .recycle(self.membership.sink.clone(), driver, &self.name, ended);
         }
     }
 }

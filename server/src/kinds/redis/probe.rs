@@ -4,7 +4,6 @@
 use super::Inner;
 use super::conn::io_error;
 use super::wire::{Record, hex_id, is_holder_id};
-use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::{Instant, timeout};
@@ -19,7 +18,7 @@ impl Inner {
         expected: u64,
     ) -> redis::RedisResult<Option<Vec<Record>>> {
         let response_channel = format!("{name}-{}", hex_id()?);
-        // The sink stays alive with `subscribed` until the probe ends.
+        // The connection stays open with `subscribed` until the probe ends.
         let mut subscribed = self.subscribe(None, &[&response_channel], None).await?;
         if self.numsub(name).await? != expected {
             return Ok(None);
@@ -41,9 +40,9 @@ impl Inner {
             if wait.is_zero() {
                 break;
             }
-            match timeout(wait, subscribed.messages.next()).await {
-                Ok(Some(msg)) => {
-                    let record = Record::parse(msg.get_payload_bytes(), legacy);
+            match timeout(wait, subscribed.link.messages.recv()).await {
+                Ok(Some(payload)) => {
+                    let record = Record::parse(&payload, legacy);
                     legacy += usize::from(record.legacy);
                     records.insert(record.holder_id.clone(), record);
                 }

@@ -1,12 +1,9 @@
-//! Just enough RESP3 to run a connection's handshake by hand: read the
-//! replies of a pipelined batch one by one, keep the messages that arrive
-//! between them, and hand the connection, with whatever it has already
-//! read, to the client library's pub/sub reader.
+//! Just enough RESP3 to drive a subscription connection by hand: read the
+//! replies of a pipelined batch one by one, and the messages that arrive
+//! between them.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// One reply or push. Maps and sets read as arrays; the scalar types the
@@ -188,65 +185,14 @@ impl Replies {
         }
     }
 
-    /// The connection, with the bytes already read put back in front.
-    pub(super) fn into_stream(self) -> Prefixed {
-        Prefixed {
-            prefix: self.buf,
-            read: 0,
-            inner: self.stream,
-        }
+    /// The connection, if nothing was read ahead on it.
+    pub(super) fn into_idle(self) -> Option<TcpStream> {
+        self.buf.is_empty().then_some(self.stream)
     }
 }
 
 fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_string())
-}
-
-/// A TCP stream whose first reads return bytes already taken off it.
-pub(super) struct Prefixed {
-    prefix: Vec<u8>,
-    read: usize,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.read < this.prefix.len() {
-            let left = &this.prefix[this.read..];
-            let n = left.len().min(out.remaining());
-            out.put_slice(&left[..n]);
-            this.read += n;
-            if this.read == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.read = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, out)
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
