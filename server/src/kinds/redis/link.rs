@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 pub(super) struct Link {
     pub(super) sink: LinkSink,
     /// Message payloads in arrival order; `None` once the connection ended.
-    pub(super) messages: mpsc::UnboundedReceiver<Vec<u8>>,
+    /// Bounded: a subscriber that does not keep up stops the reading, and
+    /// Redis holds (then, past its output limit, drops) the rest.
+    pub(super) messages: mpsc::Receiver<Vec<u8>>,
     /// Dropping it closes the connection.
     pub(super) driver: Driver,
 }
@@ -33,6 +35,9 @@ impl Drop for Driver {
     }
 }
 
+/// Messages read but not yet taken by the subscriber.
+const MESSAGES: usize = 256;
+
 enum Request {
     /// Write `bytes`, then hand back the next `replies` replies.
     Send {
@@ -49,9 +54,9 @@ impl Link {
     /// messages its handshake already read, delivered first.
     pub(super) fn start(replies: Replies, early: Vec<Vec<u8>>) -> Link {
         let (requests_tx, requests) = mpsc::unbounded_channel();
-        let (messages_tx, messages) = mpsc::unbounded_channel();
+        let (messages_tx, messages) = mpsc::channel(MESSAGES.max(early.len()));
         for payload in early {
-            let _ = messages_tx.send(payload);
+            let _ = messages_tx.try_send(payload);
         }
         let task = tokio::spawn(drive(replies, requests, messages_tx));
         Link {
@@ -92,7 +97,7 @@ impl LinkSink {
 async fn drive(
     mut replies: Replies,
     mut requests: mpsc::UnboundedReceiver<Request>,
-    messages: mpsc::UnboundedSender<Vec<u8>>,
+    messages: mpsc::Sender<Vec<u8>>,
 ) {
     // Commands waiting for replies: how many, the ones read so far.
     let mut pending: VecDeque<(usize, Vec<Reply>, oneshot::Sender<Vec<Reply>>)> = VecDeque::new();
@@ -122,7 +127,8 @@ async fn drive(
                     return;
                 };
                 if let Some(payload) = reply.message_payload() {
-                    let _ = messages.send(payload.to_vec());
+                    // (Fails only when nobody reads any more.)
+                    let _ = messages.send(payload.to_vec()).await;
                     continue;
                 }
                 // A reply nobody asked for: the connection is not what it

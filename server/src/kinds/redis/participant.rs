@@ -169,7 +169,7 @@ impl std::ops::Deref for Membership {
 pub(super) async fn answer_pings(
     inner: Arc<Inner>,
     participant: Arc<Participant>,
-    mut messages: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut messages: mpsc::Receiver<Vec<u8>>,
     _counted: Option<FdToken>,
 ) {
     while let Some(payload) = messages.recv().await {
