@@ -11,7 +11,8 @@
 //!
 //! The reserve is `max(256, min(limit / 4, max_connections + 128))`: room
 //! for every allowed connection when the limit is large, a quarter of the
-//! descriptors when it is not, and never less than 256.
+//! descriptors when it is not, and never less than 256. The redis kind's
+//! idle connections (its pool, at most 32) live in the reserve too.
 
 use crate::error::LockError;
 use std::sync::Arc;

@@ -350,3 +350,24 @@ async fn a_redis_without_resp3_is_refused_with_the_reason() {
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_unharmed(&server).await;
 }
+
+/// Whatever is published on a lock's channel, however large, is a message
+/// to answer or ignore, not a reason to drop the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_message_on_the_lock_channel_does_not_drop_the_lock() {
+    let Some(redis) = own_redis() else {
+        return;
+    };
+    let server = Server::on_redis(&redis);
+    let client = server.client().await;
+    let guard = client.lock("big").redis().acquire().await.unwrap();
+    let huge = "x".repeat(3 << 20);
+    assert_eq!(redis.command(&["PUBLISH", "big", &huge]).trim(), "1");
+    // The holder's connection read it whole and still answers pings.
+    assert_eq!(numsub(&redis, "big"), 1);
+    guard
+        .release()
+        .await
+        .expect("released, not lost, after a 3 MiB message");
+    assert_unharmed(&server).await;
+}

@@ -7,6 +7,7 @@ use super::link::{Driver, Link, LinkSink};
 use super::participant::{ended_cleanly, ending};
 use super::resp::{Replies, Reply};
 use super::{Inner, POOL_MAX, POOL_SIZE};
+use crate::fds::FdToken;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,14 +80,22 @@ impl Inner {
     /// subscription is over: ended by the release already (`ended`), or
     /// here, the same way ([`ending`]: unsubscribed, unnamed, the release
     /// announced), confirmed, with nothing left unread. Otherwise `driver`
-    /// is dropped, which closes the connection.
-    pub(super) fn recycle(&self, link: LinkSink, driver: Driver, channel: &str, ended: bool) {
+    /// is dropped, which closes the connection. The descriptor count goes
+    /// back then, or once the connection is pooled (the pool's connections,
+    /// at most [`POOL_MAX`], live in the descriptors' reserve).
+    pub(super) fn recycle(
+        &self,
+        link: LinkSink,
+        (driver, counted): (Driver, Option<FdToken>),
+        channel: &str,
+        ended: bool,
+    ) {
         let Some(inner) = self.me.upgrade() else {
             return;
         };
         let channel = channel.to_string();
         tokio::spawn(async move {
-            let _driver = driver;
+            let _open = (driver, counted);
             let limit = inner.config.health_timeout;
             if !ended {
                 let Ok(Some(replies)) = timeout(limit, link.send(&ending(&channel))).await else {

@@ -130,8 +130,9 @@ impl Contender {
             key,
             membership,
             name: self.name.clone(),
+            counted: self.counted.take(),
         };
-        Held::new(None, (held, self.counted.take()))
+        Held::new(None, held)
             .with_fence(fence)
             .with_liveness(move || !alive.dead.load(Ordering::Acquire))
             .with_confirmation(move || confirming.confirm(limit))

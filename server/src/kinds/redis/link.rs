@@ -52,7 +52,9 @@ enum Request {
 impl Link {
     /// Drives `replies` (a connection just subscribed); `early` are the
     /// messages its handshake already read, delivered first.
-    pub(super) fn start(replies: Replies, early: Vec<Vec<u8>>) -> Link {
+    pub(super) fn start(mut replies: Replies, early: Vec<Vec<u8>>) -> Link {
+        // Past the handshake, any message Redis relays is read whole.
+        replies.allow_large();
         let (requests_tx, requests) = mpsc::unbounded_channel();
         let (messages_tx, messages) = mpsc::channel(MESSAGES.max(early.len()));
         for payload in early {
@@ -127,8 +129,15 @@ async fn drive(
                     return;
                 };
                 if let Some(payload) = reply.message_payload() {
-                    // (Fails only when nobody reads any more.)
-                    let _ = messages.send(payload.to_vec()).await;
+                    if pending.is_empty() {
+                        // (Fails only when nobody reads any more.)
+                        let _ = messages.send(payload.to_vec()).await;
+                    } else {
+                        // A command waits for its reply behind this: never
+                        // hold it up (a release's UNSUBSCRIBE). A ping
+                        // dropped here is one for a lock being let go.
+                        let _ = messages.try_send(payload.to_vec());
+                    }
                     continue;
                 }
                 // A reply nobody asked for: the connection is not what it

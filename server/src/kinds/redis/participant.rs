@@ -203,6 +203,9 @@ pub(super) struct HeldSubscription {
     pub(super) key: u64,
     pub(super) membership: Membership,
     pub(super) name: String,
+    /// The descriptor the connection counts as, until it is closed or
+    /// pooled.
+    pub(super) counted: Option<FdToken>,
 }
 
 impl Drop for HeldSubscription {
@@ -228,10 +231,28 @@ impl Drop for HeldSubscription {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         self.membership.close();
-        if was_alive && let Some(driver) = driver {
-            let ended = self.membership.ended.load(Ordering::Acquire);
+        if !was_alive {
+            return;
+        }
+        let ended = self.membership.ended.load(Ordering::Acquire);
+        if !ended {
+            // Not announced by a release's `ending`: announce it here too,
+            // on the command connection, in case this one is stuck.
+            let mut commands = self.inner.commands();
+            let channel = release_channel(&self.name);
+            tokio::spawn(async move {
+                let _: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg("released")
+                    .query_async(&mut commands)
+                    .await;
+            });
+        }
+        if let Some(driver) = driver {
+            let sink = self.membership.sink.clone();
+            let counted = self.counted.take();
             self.inner
-                .recycle(self.membership.sink.clone(), driver, &self.name, ended);
+                .recycle(sink, (driver, counted), &self.name, ended);
         }
     }
 }

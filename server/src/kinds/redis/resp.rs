@@ -46,11 +46,22 @@ pub(super) const MAX_BUFFERED: usize = 1 << 20;
 
 /// Parses one value from the front of `buf`: `Ok(None)` when more bytes
 /// are needed, else the value and how many bytes it took.
+#[cfg(test)]
 pub(super) fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
-    parse_at(buf, 0, 0)
+    parse_limited(buf, MAX_BUFFERED)
 }
 
-fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Reply, usize)>, String> {
+/// [`parse`], with strings and arrays of up to `limit` bytes and items.
+fn parse_limited(buf: &[u8], limit: usize) -> Result<Option<(Reply, usize)>, String> {
+    parse_at(buf, 0, 0, limit)
+}
+
+fn parse_at(
+    buf: &[u8],
+    at: usize,
+    depth: usize,
+    limit: usize,
+) -> Result<Option<(Reply, usize)>, String> {
     if depth > MAX_DEPTH {
         return Err("reply nested too deep".into());
     }
@@ -82,8 +93,8 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Reply, usize)
                 return Ok(Some((Reply::Bulk(None), next)));
             }
             let len = usize::try_from(len).map_err(|_| "bad length")?;
-            if len > MAX_BUFFERED {
-                return Err(format!("a {len}-byte string in a handshake reply"));
+            if len > limit {
+                return Err(format!("a {len}-byte string in a reply"));
             }
             if buf.len() < next + len + 2 {
                 return Ok(None);
@@ -111,13 +122,13 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Reply, usize)
             } else {
                 count
             };
-            if items > MAX_BUFFERED / 3 {
-                return Err(format!("{items} items in a handshake reply"));
+            if items > limit / 3 {
+                return Err(format!("{items} items in a reply"));
             }
             let mut values = Vec::with_capacity(items.min(64));
             let mut pos = next;
             for _ in 0..items {
-                match parse_at(buf, pos, depth + 1)? {
+                match parse_at(buf, pos, depth + 1, limit)? {
                     Some((value, after)) => {
                         values.push(value);
                         pos = after;
@@ -127,7 +138,7 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Reply, usize)
             }
             if kind == b'|' {
                 // Attributes describe the value that follows: skip them.
-                return parse_at(buf, pos, depth + 1);
+                return parse_at(buf, pos, depth + 1, limit);
             }
             let reply = if kind == b'>' {
                 Reply::Push(values)
@@ -141,10 +152,15 @@ fn parse_at(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Reply, usize)
     Ok(Some(reply))
 }
 
+/// Redis's own limit on a string (`proto-max-bulk-len`).
+const MAX_REDIS_STRING: usize = 512 << 20;
+
 /// A connection read one reply at a time.
 pub(super) struct Replies {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Most bytes a reply may take (strings, items, buffered).
+    limit: usize,
 }
 
 impl Replies {
@@ -152,7 +168,14 @@ impl Replies {
         Replies {
             stream,
             buf: Vec::new(),
+            limit: MAX_BUFFERED,
         }
+    }
+
+    /// Takes replies as large as Redis sends (a message published on a
+    /// lock's channel, however large, is not a reason to drop the lock).
+    pub(super) fn allow_large(&mut self) {
+        self.limit = MAX_REDIS_STRING + 1024;
     }
 
     pub(super) fn stream_mut(&mut self) -> &mut TcpStream {
@@ -162,13 +185,13 @@ impl Replies {
     /// The next reply or push.
     pub(super) async fn next(&mut self) -> io::Result<Reply> {
         loop {
-            match parse(&self.buf).map_err(|e| invalid(&e))? {
+            match parse_limited(&self.buf, self.limit).map_err(|e| invalid(&e))? {
                 Some((reply, used)) => {
                     self.buf.drain(..used);
                     return Ok(reply);
                 }
-                None if self.buf.len() >= MAX_BUFFERED => {
-                    return Err(invalid("more than 1 MiB of handshake replies"));
+                None if self.buf.len() >= self.limit => {
+                    return Err(invalid("a reply larger than the limit"));
                 }
                 None => {
                     let mut chunk = [0u8; 4096];
