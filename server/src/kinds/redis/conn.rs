@@ -39,17 +39,19 @@ impl Inner {
         then: Option<&redis::Cmd>,
     ) -> redis::RedisResult<Subscribed> {
         let (stream, pooled) = match self.take_pooled() {
-            Some(stream) => (stream, true),
-            None => (self.connect().await?, false),
+            Some(idle) => (idle, true),
+            None => (Idle::new(self.connect().await?), false),
         };
         self.refill_pool();
         // Channels know no database, but `then` may touch keys (fences):
         // in the database the URL names, as on the command connection.
         let db = self.client.get_connection_info().redis_settings().db();
-        let handshake = |stream| {
+        let handshake = |idle: Idle| {
+            // A connection that held a lock is set up already.
+            let db = (!idle.set_up).then_some(db);
             timeout(
                 self.config.health_timeout,
-                name_and_subscribe(stream, db, client_name, channels, then),
+                name_and_subscribe(idle.stream, db, client_name, channels, then),
             )
         };
         let first = handshake(stream).await;
@@ -61,7 +63,7 @@ impl Inner {
             Ok(Ok(_)) => false,
         };
         let done = if pooled && dead {
-            handshake(self.connect().await?).await
+            handshake(Idle::new(self.connect().await?)).await
         } else {
             first
         };
@@ -108,7 +110,10 @@ impl Inner {
             if let Ok(Some(stream)) = timeout(limit, link.give_back()).await {
                 let mut pool = inner.pool.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.len() < POOL_MAX {
-                    pool.push(stream);
+                    pool.push(Idle {
+                        stream,
+                        set_up: true,
+                    });
                 }
             }
         });
@@ -155,7 +160,7 @@ impl Inner {
             .map_err(|_| io_error("Redis did not answer HELLO"))?
     }
 
-    pub(super) fn take_pooled(&self) -> Option<tokio::net::TcpStream> {
+    pub(super) fn take_pooled(&self) -> Option<Idle> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
@@ -175,12 +180,29 @@ impl Inner {
                         .pool
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push(stream),
+                        .push(Idle::new(stream)),
                     Err(_) => break,
                 }
             }
             inner.refilling.store(false, Ordering::Release);
         });
+    }
+}
+
+/// A pooled connection.
+pub(super) struct Idle {
+    stream: tokio::net::TcpStream,
+    /// It speaks RESP3 and is in the URL's database already (it held a
+    /// lock before).
+    set_up: bool,
+}
+
+impl Idle {
+    fn new(stream: tokio::net::TcpStream) -> Idle {
+        Idle {
+            stream,
+            set_up: false,
+        }
     }
 }
 
@@ -198,15 +220,19 @@ pub(super) struct Subscribed {
 /// kept, in order; whatever follows stays on the connection.
 async fn name_and_subscribe(
     stream: tokio::net::TcpStream,
-    db: i64,
+    set_up: Option<i64>,
     client_name: Option<&str>,
     channels: &[&str],
     then: Option<&redis::Cmd>,
 ) -> redis::RedisResult<(Replies, Vec<Vec<u8>>, Option<Reply>)> {
-    // RESP3, so the subscribed connection can still run `then`.
-    let mut out = hello();
-    if db != 0 {
-        out.extend(redis::cmd("SELECT").arg(db).get_packed_command());
+    // RESP3, so the subscribed connection can still run `then`, in the
+    // database `set_up` names (`None`: the connection is set up already).
+    let mut out = Vec::new();
+    if let Some(db) = set_up {
+        out.extend(hello());
+        if db != 0 {
+            out.extend(redis::cmd("SELECT").arg(db).get_packed_command());
+        }
     }
     if let Some(name) = client_name {
         out.extend(
@@ -224,9 +250,11 @@ async fn name_and_subscribe(
     }
     let mut replies = Replies::new(stream);
     replies.stream_mut().write_all(&out).await?;
-    check_hello(replies.next().await?)?;
-    if db != 0 {
-        expect_ok(&mut replies, "SELECT").await?;
+    if let Some(db) = set_up {
+        check_hello(replies.next().await?)?;
+        if db != 0 {
+            expect_ok(&mut replies, "SELECT").await?;
+        }
     }
     if client_name.is_some() {
         expect_ok(&mut replies, "CLIENT SETNAME").await?;
@@ -417,10 +445,15 @@ mod tests {
         )
         .await;
         let count = redis::cmd("EVAL").arg("count").clone();
-        let (replies, early, then) =
-            name_and_subscribe(stream, 0, Some("lock-lock-ab"), &["lock"], Some(&count))
-                .await
-                .unwrap();
+        let (replies, early, then) = name_and_subscribe(
+            stream,
+            Some(0),
+            Some("lock-lock-ab"),
+            &["lock"],
+            Some(&count),
+        )
+        .await
+        .unwrap();
         assert_eq!(early, vec![b"early".to_vec()]);
         assert_eq!(
             then,
@@ -449,16 +482,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_that_held_a_lock_is_not_set_up_again() {
+        let (stream, asked) = fake_redis(
+            3,
+            b"+OK\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n*2\r\n:1\r\n:7\r\n",
+        )
+        .await;
+        let count = redis::cmd("EVAL").arg("count").clone();
+        let (replies, _, then) =
+            name_and_subscribe(stream, None, Some("x-lock-ab"), &["x"], Some(&count))
+                .await
+                .unwrap();
+        assert_eq!(then, Some(Reply::Array(vec![Reply::Int(1), Reply::Int(7)])));
+        drop(replies);
+        assert_eq!(
+            asked.await.unwrap(),
+            ["CLIENT SETNAME x-lock-ab", "SUBSCRIBE x", "EVAL count"]
+        );
+    }
+
+    #[tokio::test]
     async fn a_refused_step_fails_the_handshake_and_says_why() {
         let (stream, _asked) = fake_redis(3, b"-ERR unknown command 'HELLO'\r\n").await;
-        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, Some(0), Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");
         assert_eq!(err.kind(), redis::ErrorKind::RESP3NotSupported, "{err}");
         // Not an old Redis: one that wants a password first.
         let (stream, _asked) = fake_redis(3, b"-NOAUTH Authentication required.\r\n").await;
-        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, Some(0), Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");
@@ -469,7 +522,7 @@ mod tests {
             b"%0\r\n-NOPERM this user has no permissions to run 'client|setname'\r\n",
         )
         .await;
-        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, Some(0), Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");
@@ -479,7 +532,7 @@ mod tests {
             b"%0\r\n+OK\r\n>3\r\n$9\r\nsubscribe\r\n$5\r\nother\r\n:1\r\n",
         )
         .await;
-        let err = name_and_subscribe(stream, 0, Some("x-lock-ab"), &["x"], None)
+        let err = name_and_subscribe(stream, Some(0), Some("x-lock-ab"), &["x"], None)
             .await
             .err()
             .expect("refused");

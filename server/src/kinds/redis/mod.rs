@@ -126,7 +126,7 @@ struct Inner {
     url: String,
     /// Connected, authenticated connections waiting to become
     /// subscriptions.
-    pool: Mutex<Vec<tokio::net::TcpStream>>,
+    pool: Mutex<Vec<conn::Idle>>,
     refilling: AtomicBool,
     me: std::sync::Weak<Inner>,
     /// Each held lock is a connection: counted against the descriptors
