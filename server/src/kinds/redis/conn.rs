@@ -79,9 +79,9 @@ impl Inner {
     }
 
     /// Gives a held lock's connection back to the pool once its
-    /// subscription is over: ended by the release already (`ended`), or
-    /// here, the same way ([`ending`]: unsubscribed, unnamed, the release
-    /// announced), confirmed, with nothing left unread. Otherwise `driver`
+    /// subscription is over ([`ending`]: unsubscribed, here or by the
+    /// release already (`ended`), unnamed, the release announced),
+    /// confirmed, with nothing left unread. Otherwise `driver`
     /// is dropped, which closes the connection. The descriptor count goes
     /// back then, or once the connection is pooled (the pool's connections,
     /// at most [`POOL_MAX`], live in the descriptors' reserve).
@@ -99,13 +99,12 @@ impl Inner {
         tokio::spawn(async move {
             let _open = (driver, counted);
             let limit = inner.config.health_timeout;
-            if !ended {
-                let Ok(Some(replies)) = timeout(limit, link.send(&ending(&channel))).await else {
-                    return;
-                };
-                if !ended_cleanly(&channel, &replies) {
-                    return;
-                }
+            let ending = ending(&channel, ended);
+            let Ok(Some(replies)) = timeout(limit, link.send(&ending)).await else {
+                return;
+            };
+            if !ended_cleanly(&channel, ended, &replies) {
+                return;
             }
             if let Ok(Some(stream)) = timeout(limit, link.give_back()).await {
                 let mut pool = inner.pool.lock().unwrap_or_else(|e| e.into_inner());

@@ -32,8 +32,7 @@ pub(super) struct Participant {
     pub(super) sink: LinkSink,
     /// The connection's driver: dropping it closes the connection.
     pub(super) driver: Mutex<Option<Driver>>,
-    /// A release ended the subscription cleanly ([`ending`]): the
-    /// connection can go back to the pool as it is.
+    /// A release ended the subscription cleanly (no subscription left).
     pub(super) ended: AtomicBool,
 }
 
@@ -92,11 +91,12 @@ impl Participant {
                 return Err(closed());
             }
             let channel = &participant.channel;
-            match timeout(limit, participant.sink.send(&ending(channel))).await {
+            let unsubscribe = redis::cmd("UNSUBSCRIBE").arg(channel).clone();
+            match timeout(limit, participant.sink.send(&[unsubscribe])).await {
                 Ok(Some(replies)) if !participant.dead.load(Ordering::Acquire) => {
-                    match replies.first() {
-                        Some(Reply::Push(words)) if words.first() == Some(&unsubscribe_word()) => {
-                            let clean = ended_cleanly(channel, &replies);
+                    match replies.as_slice() {
+                        [Reply::Push(words)] if words.first() == Some(&unsubscribe_word()) => {
+                            let clean = replies[0] == unsubscribed(channel);
                             participant.ended.store(clean, Ordering::Release);
                             Ok(())
                         }
@@ -113,32 +113,42 @@ impl Participant {
 }
 
 /// Ends a held lock's subscription on its own connection, in one write:
-/// `UNSUBSCRIBE` (its answer proves the connection was alive), the
+/// `UNSUBSCRIBE` (unless the release did already: `unsubscribed`), the
 /// connection's name cleared (it goes back to the pool), and the release
 /// announced to padlockd waiters elsewhere.
-pub(super) fn ending(channel: &str) -> [redis::Cmd; 3] {
-    [
-        redis::cmd("UNSUBSCRIBE").arg(channel).clone(),
-        redis::cmd("CLIENT").arg("SETNAME").arg("").clone(),
+pub(super) fn ending(channel: &str, unsubscribed: bool) -> Vec<redis::Cmd> {
+    let mut commands = Vec::with_capacity(3);
+    if !unsubscribed {
+        commands.push(redis::cmd("UNSUBSCRIBE").arg(channel).clone());
+    }
+    commands.push(redis::cmd("CLIENT").arg("SETNAME").arg("").clone());
+    commands.push(
         redis::cmd("PUBLISH")
             .arg(release_channel(channel))
             .arg("released")
             .clone(),
-    ]
+    );
+    commands
 }
 
 /// Whether the replies to [`ending`] left the connection clean: no
 /// subscription left, no name.
-pub(super) fn ended_cleanly(channel: &str, replies: &[Reply]) -> bool {
-    let unsubscribed = Reply::Push(vec![
+pub(super) fn ended_cleanly(channel: &str, unsubscribed: bool, replies: &[Reply]) -> bool {
+    let rest = match (unsubscribed, replies) {
+        (true, rest) => rest,
+        (false, [first, rest @ ..]) if *first == self::unsubscribed(channel) => rest,
+        (false, _) => return false,
+    };
+    matches!(rest, [Reply::Simple(ok), Reply::Int(_)] if ok == b"OK")
+}
+
+/// The reply to `UNSUBSCRIBE <channel>` that leaves no subscription.
+fn unsubscribed(channel: &str) -> Reply {
+    Reply::Push(vec![
         unsubscribe_word(),
         Reply::Bulk(Some(channel.as_bytes().to_vec())),
         Reply::Int(0),
-    ]);
-    matches!(
-        replies,
-        [first, Reply::Simple(ok), Reply::Int(_)] if *first == unsubscribed && ok == b"OK"
-    )
+    ])
 }
 
 fn unsubscribe_word() -> Reply {
@@ -236,8 +246,8 @@ impl Drop for HeldSubscription {
         }
         let ended = self.membership.ended.load(Ordering::Acquire);
         if !ended {
-            // Not announced by a release's `ending`: announce it here too,
-            // on the command connection, in case this one is stuck.
+            // No release proved the connection alive: announce it on the
+            // command connection too, in case this one is stuck.
             let mut commands = self.inner.commands();
             let channel = release_channel(&self.name);
             tokio::spawn(async move {
