@@ -5,6 +5,7 @@
 
 use padlock::proto as pb;
 use padlock::{Client, Error, Kind, LostReason};
+use padlock_e2e::h2::{DATA, END_STREAM, HEADERS, RST_STREAM, RawH2};
 use padlock_e2e::http::{client as http_client, json, token_file};
 use padlock_e2e::{Server, assert_strictly_increasing, assert_unharmed, eventually, until_waiters};
 use pb::padlock_client::PadlockClient;
@@ -370,4 +371,112 @@ async fn a_guard_outlives_its_client() {
         .await
         .expect("a dropped guard's lock goes to the next");
     next.release().await.unwrap();
+}
+
+/// The Session responses on `stream` until `want` have come (0: until the
+/// server's END_STREAM, its trailers); whether the stream ended. A reset
+/// fails the test, and so does a stream that neither ends nor answers
+/// within the guard (the server's pings do not count).
+async fn session_replies_until_the_end(
+    raw: &mut RawH2,
+    stream: u32,
+    want: usize,
+) -> (Vec<(u64, Out)>, bool) {
+    use prost::Message;
+    let read = async {
+        let (mut buf, mut seen, mut ended) = (Vec::new(), Vec::new(), false);
+        while !ended && (want == 0 || seen.len() < want) {
+            let frame = raw.next_frame().await;
+            if frame.stream != stream {
+                continue;
+            }
+            match frame.kind {
+                DATA => buf.extend_from_slice(frame.data()),
+                HEADERS => {}
+                RST_STREAM => panic!("the Session stream was reset: {}", frame.describe()),
+                _ => continue,
+            }
+            ended = frame.flags & END_STREAM != 0;
+            while buf.len() >= 5 {
+                let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+                if buf.len() < 5 + len {
+                    break;
+                }
+                let reply =
+                    pb::SessionResponse::decode(&buf[5..5 + len]).expect("a SessionResponse");
+                seen.push((reply.op, reply.msg.expect("a reply carries a message")));
+                buf.drain(..5 + len);
+            }
+        }
+        (seen, ended)
+    };
+    guarded("the Session stream's replies", read).await
+}
+
+fn session_message(op: u64, msg: In) -> Vec<u8> {
+    use prost::Message;
+    pb::SessionRequest { op, msg: Some(msg) }.encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_request_side_answers_asked_releases_and_lets_go_of_the_rest() {
+    let server = Server::start();
+    let plain = hold_streams(&server).await;
+    let outside = plain.lock("close/held").acquire().await.unwrap();
+    let mut raw = RawH2::connect(server.addr).await;
+    raw.handshake().await;
+    raw.open_grpc(1, "/padlock.v1.Padlock/Session", false).await;
+    for (op, name) in [(1, "close/a"), (2, "close/b"), (3, "close/held")] {
+        let acquire = pb::Acquire {
+            name: name.into(),
+            owner: "raw".into(),
+            ..Default::default()
+        };
+        raw.send_grpc_message(1, &session_message(op, In::Acquire(acquire)), false)
+            .await;
+    }
+    let (mut seen, ended) = session_replies_until_the_end(&mut raw, 1, 3).await;
+    seen.sort_by_key(|(op, _)| *op);
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [
+                (1, Out::Granted(_)),
+                (2, Out::Granted(_)),
+                (3, Out::Queued(_))
+            ]
+        ) && !ended,
+        "two grants and a waiter behind the other connection: {seen:?}"
+    );
+    // Op 1's release and the end of the request side in one frame: the
+    // release is still answered, then the stream ends (OK), and op 2's lock
+    // and op 3's wait go with it.
+    let release = session_message(1, In::Release(pb::Release {}));
+    raw.send_grpc_message(1, &release, true).await;
+    let (seen, ended) = session_replies_until_the_end(&mut raw, 1, 0).await;
+    assert!(ended, "the server ends the stream");
+    assert!(
+        matches!(seen.as_slice(), [(1, Out::Released(_))]),
+        "only op 1's Released before the end: {seen:?}"
+    );
+    eventually("op 2 released and op 3 withdrawn", GUARD, || {
+        let plain = plain.clone();
+        async move {
+            let locks = plain.list("close/").await.unwrap();
+            let names: Vec<&str> = locks.iter().map(|l| l.name.as_str()).collect();
+            let waiting: u32 = locks.iter().map(|l| l.waiters_total).sum();
+            (names == ["close/held"] && waiting == 0).then_some(())
+        }
+    })
+    .await;
+    assert!(outside.is_held());
+    let b = plain
+        .lock("close/b")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("close/b is free");
+    b.release().await.unwrap();
+    outside.release().await.unwrap();
+    assert_unharmed(&server).await;
 }
