@@ -6,10 +6,16 @@
 # Each run gets a fresh lock directory; the client is ./target/release/padlock
 # (or $PADLOCK_BENCH_CLIENT). Prints the rows of each run and the ratios to a
 # raw Redis lock (Redis at 127.0.0.1:6379).
+# PIN=0 runs padlockd and the client on core 0 only: nothing then waits for
+# a sleeping CPU, so a cycle costs the CPU work of both sides, with far
+# less noise (see docs/benchmarks.md, "everything on one core"). Compare
+# the builds' rows then, not the ratios: the machine's Redis is not pinned.
 set -euo pipefail
 old=$1 new=$2 rounds=${3:-3}
 shift $(( $# < 3 ? $# : 3 ))
 client=${PADLOCK_BENCH_CLIENT:-./target/release/padlock}
+pin=()
+[ -n "${PIN:-}" ] && pin=(taskset -c "$PIN")
 dir=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
@@ -17,12 +23,12 @@ for round in $(seq "$rounds"); do
   for v in old new; do
     bin=$old; [ "$v" = new ] && bin=$new
     rm -rf "$dir/locks" && mkdir -p "$dir/locks"
-    "$bin" --listen 127.0.0.1:7421 --lock-dir "$dir/locks" \
+    "${pin[@]}" "$bin" --listen 127.0.0.1:7421 --lock-dir "$dir/locks" \
         --redis-url redis://127.0.0.1:6379 >"$dir/server.log" 2>&1 &
     pid=$!
     for _ in $(seq 50); do curl -sf http://127.0.0.1:7421/healthz >/dev/null && break; sleep 0.1; done
     echo "=== round $round $v ($bin)"
-    "$client" --server 127.0.0.1:7421 bench --held 0 \
+    "${pin[@]}" "$client" --server 127.0.0.1:7421 bench --held 0 \
         --redis-url redis://127.0.0.1:6379 "$@" 2>&1 |
       grep -E "^\| (floor|acquire|handoff|one conn|64 clients)|against"
     kill "$pid"; wait "$pid" 2>/dev/null || true
