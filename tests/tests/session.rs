@@ -480,3 +480,42 @@ async fn closing_the_request_side_answers_asked_releases_and_lets_go_of_the_rest
     outside.release().await.unwrap();
     assert_unharmed(&server).await;
 }
+
+/// An op's wait ends on time even when the client reads none of its
+/// replies (here its flow-control window is 0, so none can be sent): the
+/// wait is withdrawn from the queue at its deadline, and the lock then goes
+/// to nobody on its behalf. (Driving ops only from the response, which
+/// HTTP/2 flow control stops, would leave the expired waiter in the queue
+/// and grant it later.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_ends_on_time_even_when_the_client_reads_nothing() {
+    // No keepalive: the silent connection is not cut, so only the wait's
+    // own deadline can end the wait.
+    let server = Server::start_with_args(&["--keepalive-interval", "1h"]);
+    let plain = hold_streams(&server).await;
+    let holder = plain.lock("unread/l").acquire().await.unwrap();
+    let mut raw = RawH2::connect(server.addr).await;
+    raw.handshake_with_window(0).await;
+    raw.open_grpc(1, "/padlock.v1.Padlock/Session", false).await;
+    let acquire = pb::Acquire {
+        name: "unread/l".into(),
+        owner: "raw, reads nothing".into(),
+        wait_ms: Some(500),
+        ..Default::default()
+    };
+    raw.send_grpc_message(1, &session_message(1, In::Acquire(acquire)), false)
+        .await;
+    until_waiters(&plain, "unread/l", Kind::File, 1).await;
+    // Past its deadline the wait is gone, though its Failed was never sent.
+    until_waiters(&plain, "unread/l", Kind::File, 0).await;
+    holder.release().await.unwrap();
+    let next = plain
+        .lock("unread/l")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("nobody holds unread/l for the expired wait");
+    next.release().await.unwrap();
+    drop(raw);
+    assert_unharmed(&server).await;
+}

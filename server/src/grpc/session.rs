@@ -1,27 +1,24 @@
 //! The Session stream: many locks on one gRPC stream.
 //!
 //! Each op (an Acquire with the client's op id) is a [`Session`] of the
-//! lock table, driven as a stream of its steps (tagged with the op id)
-//! inside the Session stream's own response: no task and no channel per
-//! op. The response stream polls the client's messages and every open
-//! op; an op's step goes out as soon as the response is polled. When the
+//! lock table, driven by a small task of its own that forwards its steps,
+//! tagged with the op id, into the stream's one bounded outbox. The
+//! response stream reads the client's messages and that outbox. When the
 //! stream ends (the client closed it, the connection broke, the response
-//! was dropped), the ops go with it and each drops its session: its lock
-//! is released or its wait withdrawn, exactly as when a Hold stream goes
-//! away.
+//! was dropped), the ops' release handles are dropped, and each op task
+//! drops its session: its lock is released or its wait withdrawn, exactly
+//! as when a Hold stream goes away.
 //!
-//! A client that stops reading stops the response from being polled (HTTP/2
-//! flow control): its ops then wait, holding only what they hold already.
-//! The number of open ops is capped per stream
-//! (`--max-streams-per-connection`), and a stream whose first message does
-//! not come within `--request-timeout` is cut, as a Hold stream is. A
-//! stream with no op open for `--idle-timeout` ends (OK), as an idle
-//! connection does: it holds nothing, and the client opens a new one when
-//! it needs it.
+//! A client that stops reading fills the outbox (bounded): the op tasks
+//! then wait to send, holding only what they hold already. The number of
+//! open ops is capped per stream (`--max-streams-per-connection`), and a
+//! stream whose first message does not come within `--request-timeout` is
+//! cut, as a Hold stream is. A stream with no op open for `--idle-timeout`
+//! ends (OK), as an idle connection does: it holds nothing, and the client
+//! opens a new one when it needs it.
 
 use super::{Scope, decode_acquire, granted_to_wire, lost_message, request_timeout, status};
 use crate::locks::{LockTable, Released, Session, Step};
-use futures_util::stream::SelectAll;
 use padlock_proto::v1 as pb;
 use pb::session_request::Msg as In;
 use pb::session_response::Msg as Out;
@@ -29,19 +26,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
+
+/// Replies waiting for the client to read them, per stream.
+const OUTBOX: usize = 64;
 
 pub type SessionStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SessionResponse, Status>> + Send>>;
 
-/// The steps of one op, each a reply to the client; the op is over when it
-/// ends.
-type OpSteps = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = pb::SessionResponse> + Send>>;
-
-/// One Session stream: the client's messages, the steps of the open ops,
-/// and the release handle of each.
+/// One Session stream: the client's messages, the outbox of the op tasks,
+/// and the release handle of each open op.
 pub struct Mux {
     table: LockTable,
     inbound: Streaming<pb::SessionRequest>,
@@ -54,9 +50,8 @@ pub struct Mux {
     max_ops: usize,
     /// How long the stream may have no op open (`None`: forever).
     idle: Option<Duration>,
-    /// The open ops' steps (an op's stream ends with the op, or when its
-    /// release handle is dropped: then its session is dropped with it).
-    running: SelectAll<OpSteps>,
+    outbox: mpsc::Receiver<pb::SessionResponse>,
+    sender: mpsc::Sender<pb::SessionResponse>,
     /// Open ops: the handle that asks an op to release (`None` once asked).
     ops: HashMap<u64, Option<oneshot::Sender<()>>>,
     /// The client closed its side: the ops it asked to release are
@@ -75,6 +70,7 @@ impl Mux {
         (first_message, timeouts): (Duration, Arc<AtomicU64>),
         (max_ops, idle): (usize, Option<Duration>),
     ) -> Mux {
+        let (sender, outbox) = mpsc::channel(OUTBOX);
         Mux {
             table,
             inbound,
@@ -84,7 +80,8 @@ impl Mux {
             timeouts,
             max_ops,
             idle,
-            running: SelectAll::new(),
+            outbox,
+            sender,
             ops: HashMap::new(),
             closing: false,
             done: false,
@@ -103,7 +100,7 @@ impl Mux {
             }
             if self.closing {
                 // Only the answers to releases asked before the close.
-                let reply = self.running.next().await?;
+                let reply = self.outbox.recv().await?;
                 return Some(Ok(self.forward(reply)));
             }
             // While no op is open, the stream may stay silent only so long.
@@ -123,7 +120,7 @@ impl Mux {
             tokio::select! {
                 // Replies first: a client that sends fast still hears back.
                 biased;
-                Some(reply) = self.running.next() => return Some(Ok(self.forward(reply))),
+                Some(reply) = self.outbox.recv() => return Some(Ok(self.forward(reply))),
                 () = table.drained(), if idle => return None,
                 message = inbound => match message {
                     // Idle: nothing is held on it; the client opens another.
@@ -157,8 +154,8 @@ impl Mux {
         }
     }
 
-    /// A step of an op on its way to the client: the last one of an op
-    /// closes it.
+    /// A reply of an op task on its way to the client: the last one of an
+    /// op closes it.
     fn forward(&mut self, reply: pb::SessionResponse) -> pb::SessionResponse {
         if matches!(
             reply.msg,
@@ -200,7 +197,7 @@ impl Mux {
                 match opened {
                     Ok(session) => {
                         let (release, asked) = oneshot::channel();
-                        self.running.push(steps(op, session, asked));
+                        tokio::spawn(run(op, session, asked, self.sender.clone()));
                         self.ops.insert(op, Some(release));
                         None
                     }
@@ -232,54 +229,52 @@ pub fn stream(mux: Mux) -> SessionStream {
     ))
 }
 
-/// The steps of one op, until it ends, is released at the client's
-/// request, or its release handle is dropped (the stream closed without
-/// asking): then the stream ends without a word, and dropping the session
-/// releases the lock or withdraws the wait.
-fn steps(op: u64, session: Session, release: oneshot::Receiver<()>) -> OpSteps {
-    Box::pin(futures_util::stream::unfold(
-        Some((session, release)),
-        move |open| async move {
-            let (mut session, mut release) = open?;
-            let (msg, last) = tokio::select! {
-                step = session.next() => match step {
-                    Some(Step::Queued { position, holders }) => {
-                        let waiter_id = session.id().to_string();
-                        (Out::Queued(pb::Queued { position, holders, waiter_id }), false)
-                    }
-                    Some(Step::Granted(grant)) => (Out::Granted(granted_to_wire(&grant)), false),
-                    Some(Step::Lost { reason, detail }) => {
-                        (Out::Lost(lost_message(reason, detail)), true)
-                    }
-                    Some(Step::Failed(err)) => {
-                        let status = status(err);
-                        let failure = pb::Failure {
-                            code: status.code() as i32,
-                            message: status.message().to_string(),
-                        };
-                        (Out::Failed(failure), true)
-                    }
-                    // (A session ends with one of the steps above.)
-                    None => (Out::Released(pb::Released {}), true),
-                },
-                asked = &mut release => {
-                    asked.ok()?; // let go without being asked
-                    // Released before the client is told: once it reads
-                    // Released, the next holder may already have the lock.
-                    let msg = match Box::pin(session.release()).await {
-                        Released::Lost { reason, detail } => {
-                            Out::Lost(lost_message(reason, detail))
-                        }
-                        Released::Released | Released::Over => Out::Released(pb::Released {}),
-                    };
-                    // The next holder (woken by the release) goes first;
-                    // this answer follows.
-                    tokio::task::yield_now().await;
-                    return Some((pb::SessionResponse { op, msg: Some(msg) }, None));
+/// Drives one op: forwards its steps until it ends, is released at the
+/// client's request, or the stream goes away (then dropping the session
+/// releases the lock or withdraws the wait).
+async fn run(
+    op: u64,
+    mut session: Session,
+    mut release: oneshot::Receiver<()>,
+    out: mpsc::Sender<pb::SessionResponse>,
+) {
+    loop {
+        let (msg, last) = tokio::select! {
+            step = session.next() => match step {
+                Some(Step::Queued { position, holders }) => {
+                    let waiter_id = session.id().to_string();
+                    (Out::Queued(pb::Queued { position, holders, waiter_id }), false)
                 }
-            };
-            let reply = pb::SessionResponse { op, msg: Some(msg) };
-            Some((reply, (!last).then_some((session, release))))
-        },
-    ))
+                Some(Step::Granted(grant)) => (Out::Granted(granted_to_wire(&grant)), false),
+                Some(Step::Lost { reason, detail }) => (Out::Lost(lost_message(reason, detail)), true),
+                Some(Step::Failed(err)) => {
+                    let status = status(err);
+                    let failure = pb::Failure {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    };
+                    (Out::Failed(failure), true)
+                }
+                // (A session ends with one of the steps above.)
+                None => (Out::Released(pb::Released {}), true),
+            },
+            asked = &mut release => {
+                if asked.is_err() {
+                    return; // the stream is gone
+                }
+                // Released before the client is told: once it reads
+                // Released, the next holder may already have the lock.
+                let msg = match Box::pin(session.release()).await {
+                    Released::Lost { reason, detail } => Out::Lost(lost_message(reason, detail)),
+                    Released::Released | Released::Over => Out::Released(pb::Released {}),
+                };
+                let _ = out.send(pb::SessionResponse { op, msg: Some(msg) }).await;
+                return;
+            }
+        };
+        let reply = pb::SessionResponse { op, msg: Some(msg) };
+        if out.send(reply).await.is_err() || last {
+            return;
+        }
+    }
 }
