@@ -500,7 +500,8 @@ async fn a_wait_ends_on_time_even_when_the_client_reads_nothing() {
     let acquire = pb::Acquire {
         name: "unread/l".into(),
         owner: "raw, reads nothing".into(),
-        wait_ms: Some(500),
+        // Long enough to be seen waiting first, on a loaded machine too.
+        wait_ms: Some(3000),
         ..Default::default()
     };
     raw.send_grpc_message(1, &session_message(1, In::Acquire(acquire)), false)
