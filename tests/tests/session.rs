@@ -7,7 +7,9 @@ use padlock::proto as pb;
 use padlock::{Client, Error, Kind, LostReason};
 use padlock_e2e::h2::{DATA, END_STREAM, HEADERS, RST_STREAM, RawH2};
 use padlock_e2e::http::{client as http_client, json, token_file};
-use padlock_e2e::{Server, assert_strictly_increasing, assert_unharmed, eventually, until_waiters};
+use padlock_e2e::{
+    Server, assert_strictly_increasing, assert_unharmed, eventually, eventually_ok, until_waiters,
+};
 use pb::padlock_client::PadlockClient;
 use pb::session_request::Msg as In;
 use pb::session_response::Msg as Out;
@@ -481,33 +483,26 @@ async fn closing_the_request_side_answers_asked_releases_and_lets_go_of_the_rest
     assert_unharmed(&server).await;
 }
 
-/// An op's wait ends on time even when the client reads none of its
-/// replies (here its flow-control window is 0, so none can be sent): the
-/// wait is withdrawn from the queue at its deadline, and the lock then goes
-/// to nobody on its behalf. (Driving ops only from the response, which
-/// HTTP/2 flow control stops, would leave the expired waiter in the queue
-/// and grant it later.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wait_ends_on_time_even_when_the_client_reads_nothing() {
+/// A wait ends on time even when the client reads none of its replies
+/// (here its flow-control window is 0, so none can be sent, and HTTP/2
+/// stops polling the response that drives the request): the waiter leaves
+/// the queue at its deadline, the lock then goes to nobody on its behalf,
+/// and its place under `--max-holds` comes back once the stream is gone.
+/// `call` is the gRPC method, `request` its first message (an Acquire of
+/// `unread/l`, waiting at most 3 s).
+async fn a_wait_ends_on_time_unread(call: &str, request: Vec<u8>) {
     // No keepalive: the silent connection is not cut, so only the wait's
-    // own deadline can end the wait.
-    let server = Server::start_with_args(&["--keepalive-interval", "1h"]);
+    // own deadline can end the wait. Two holds in all: the holder's and
+    // the raw waiter's.
+    let server = Server::start_with_args(&["--keepalive-interval", "1h", "--max-holds", "2"]);
     let plain = hold_streams(&server).await;
     let holder = plain.lock("unread/l").acquire().await.unwrap();
     let mut raw = RawH2::connect(server.addr).await;
     raw.handshake_with_window(0).await;
-    raw.open_grpc(1, "/padlock.v1.Padlock/Session", false).await;
-    let acquire = pb::Acquire {
-        name: "unread/l".into(),
-        owner: "raw, reads nothing".into(),
-        // Long enough to be seen waiting first, on a loaded machine too.
-        wait_ms: Some(3000),
-        ..Default::default()
-    };
-    raw.send_grpc_message(1, &session_message(1, In::Acquire(acquire)), false)
-        .await;
+    raw.open_grpc(1, call, false).await;
+    raw.send_grpc_message(1, &request, false).await;
     until_waiters(&plain, "unread/l", Kind::File, 1).await;
-    // Past its deadline the wait is gone, though its Failed was never sent.
+    // Past its deadline the wait is gone, though its answer was never sent.
     until_waiters(&plain, "unread/l", Kind::File, 0).await;
     holder.release().await.unwrap();
     let next = plain
@@ -516,7 +511,44 @@ async fn a_wait_ends_on_time_even_when_the_client_reads_nothing() {
         .await
         .unwrap()
         .expect("nobody holds unread/l for the expired wait");
-    next.release().await.unwrap();
+    // Its place is given back once, when its stream goes: then exactly
+    // two holds fit again.
     drop(raw);
+    let second = eventually_ok("the expired waiter's place back", GUARD, async || {
+        plain.lock("unread/other").try_acquire().await
+    })
+    .await
+    .expect("unread/other is free");
+    match plain.lock("unread/third").try_acquire().await {
+        Err(Error::Status(status)) => assert_eq!(status.code(), Code::ResourceExhausted),
+        other => panic!("a third hold over --max-holds 2: {other:?}"),
+    }
+    next.release().await.unwrap();
+    second.release().await.unwrap();
     assert_unharmed(&server).await;
+}
+
+fn unread_acquire() -> pb::Acquire {
+    pb::Acquire {
+        name: "unread/l".into(),
+        owner: "raw, reads nothing".into(),
+        // Long enough to be seen waiting first, on a loaded machine too.
+        wait_ms: Some(3000),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_ends_on_time_even_when_the_client_reads_nothing() {
+    let request = session_message(1, In::Acquire(unread_acquire()));
+    a_wait_ends_on_time_unread("/padlock.v1.Padlock/Session", request).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_streams_wait_ends_on_time_even_when_its_client_reads_nothing() {
+    use prost::Message;
+    let request = pb::HoldRequest {
+        msg: Some(pb::hold_request::Msg::Acquire(unread_acquire())),
+    };
+    a_wait_ends_on_time_unread("/padlock.v1.Padlock/Hold", request.encode_to_vec()).await;
 }

@@ -117,6 +117,7 @@ impl LockTable {
             deadline: gives_up,
             try_once,
             tx,
+            expiry: None,
         });
         Ok(id)
     }
@@ -150,6 +151,11 @@ impl LockTable {
                 self.pump(&key, false);
             }
             return Err(err);
+        }
+        // The wait ends at its deadline whether or not the session is
+        // polled (see `Expiry`).
+        if let Some(at) = ticket.deadline {
+            lock.waiters[index].expiry = Some(self.expiry(&key, id, at));
         }
         let waiter = &lock.waiters[index];
         let _ = waiter.tx.send(Notice::Queued {

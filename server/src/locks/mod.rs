@@ -100,6 +100,22 @@ struct Entry {
     /// Try-lock: never queue behind anyone.
     try_once: bool,
     tx: mailbox::Sender,
+    /// The timer that ends the wait at its deadline (a queued waiter with
+    /// one); stopped when the entry is granted or dropped.
+    expiry: Option<Expiry>,
+}
+
+/// A waiter's deadline, kept by the table itself: the wait ends on time
+/// even when nothing polls the waiter's session (its client reads nothing,
+/// so HTTP/2 stops polling the response that drives it). Dropping it stops
+/// the timer.
+#[derive(Debug)]
+struct Expiry(tokio::task::AbortHandle);
+
+impl Drop for Expiry {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Holder {
@@ -354,27 +370,7 @@ impl LockTable {
                 was_holder = true;
                 pump = Some(true); // a handoff
             } else if let Some(i) = lock.waiters.iter().position(|w| w.id == id) {
-                if let Some(task) = lock
-                    .attempt
-                    .take_if(|a| a.id == id && a.task.is_some())
-                    .and_then(|a| a.task)
-                {
-                    task.abort();
-                }
-                let waiter = lock.waiters.remove(i).expect("index is in range");
-                self.emit(
-                    key,
-                    id,
-                    EventKind::Abandoned {
-                        waited: elapsed(waiter.since),
-                    },
-                );
-                if i == 0 {
-                    // The head's announcement was for it.
-                    if let Some(note) = lock.announced.take() {
-                        after.close.push(note);
-                    }
-                }
+                self.remove_waiter(key, lock, i, &mut after);
                 // A new head may be grantable (e.g. readers behind a writer).
                 pump = (i == 0).then_some(false);
             }
@@ -386,6 +382,73 @@ impl LockTable {
             self.pump(key, handoff);
         }
         was_holder
+    }
+
+    /// Takes waiter `i` out of `lock`'s queue (it gave up, or its wait
+    /// ended): stops an acquisition running for it and closes the head's
+    /// announcement.
+    fn remove_waiter(&self, key: &Key, lock: &mut Lock, i: usize, after: &mut After) -> Entry {
+        let id = lock.waiters[i].id;
+        if let Some(task) = lock
+            .attempt
+            .take_if(|a| a.id == id && a.task.is_some())
+            .and_then(|a| a.task)
+        {
+            task.abort();
+        }
+        let waiter = lock.waiters.remove(i).expect("index is in range");
+        self.emit(
+            key,
+            id,
+            EventKind::Abandoned {
+                waited: elapsed(waiter.since),
+            },
+        );
+        if i == 0 {
+            // The head's announcement was for it.
+            if let Some(note) = lock.announced.take() {
+                after.close.push(note);
+            }
+        }
+        waiter
+    }
+
+    /// Ends waiter `id`'s wait at its deadline: it leaves the queue and is
+    /// told `Failed` (not acquired). Its ticket, dropped once the session
+    /// reads that, gives back its place under `--max-holds`. Nothing
+    /// happens when it was granted or has left meanwhile.
+    fn expire(&self, key: &Key, id: u64) {
+        let mut after = After::default();
+        let was_head = {
+            let mut st = self.shard(key);
+            let Some(lock) = st.locks.get_mut(key) else {
+                return;
+            };
+            let Some(i) = lock.waiters.iter().position(|w| w.id == id) else {
+                return;
+            };
+            let waiter = self.remove_waiter(key, lock, i, &mut after);
+            let err = not_acquired(key, lock, elapsed(waiter.since));
+            after.tell.push((waiter.tx, Notice::Failed(err)));
+            self.forget_if_idle(&mut st, key);
+            i == 0
+        };
+        after.finish();
+        if was_head {
+            self.pump(key, false);
+        }
+    }
+
+    /// Starts the timer that ends waiter `id`'s wait at `at`.
+    fn expiry(&self, key: &Key, id: u64, at: tokio::time::Instant) -> Expiry {
+        let (table, key) = (Arc::downgrade(&self.shared), key.clone());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(shared) = table.upgrade() {
+                LockTable { shared }.expire(&key, id);
+            }
+        });
+        Expiry(timer.abort_handle())
     }
 
     /// Ends holder `id` of lock `kind`/`name` with `Lost{reason}`. Returns

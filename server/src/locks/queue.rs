@@ -295,6 +295,8 @@ impl LockTable {
             after.release.push(held);
             return;
         }
+        // A holder has no deadline: its wait's timer stops.
+        entry.expiry = None;
         let now = SystemTime::now();
         let waited = now.duration_since(entry.since).unwrap_or_default();
         entry.since = now;
