@@ -428,7 +428,13 @@ impl LockTable {
                 return;
             };
             let waiter = self.remove_waiter(key, lock, i, &mut after);
-            let err = not_acquired(key, lock, elapsed(waiter.since));
+            // The wait asked for (as the session's own timer says it),
+            // not the time it took this timer to run.
+            let wait = waiter
+                .deadline
+                .and_then(|at| at.duration_since(waiter.since).ok())
+                .unwrap_or_else(|| elapsed(waiter.since));
+            let err = not_acquired(key, lock, wait);
             after.tell.push((waiter.tx, Notice::Failed(err)));
             self.forget_if_idle(&mut st, key);
             i == 0

@@ -469,3 +469,35 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// The table ends a wait at its deadline though nothing polls the waiter's
+/// ticket (a transport stops polling when its client reads nothing), says
+/// the wait asked for (as the session's own timer does), and does not
+/// grant it afterwards.
+#[tokio::test(start_paused = true)]
+async fn the_table_ends_an_unpolled_wait_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path(), Limits::default());
+    let mut a = t.acquire(req("d", Mode::Exclusive)).unwrap();
+    assert!(granted(&mut a).is_some());
+    let mut waits = req("d", Mode::Exclusive);
+    waits.wait = Some(Duration::from_millis(200));
+    let mut b = t.acquire(waits).unwrap();
+    assert!(granted(&mut b).is_none());
+    assert_eq!(show(&t, "d").unwrap().waiters.len(), 1);
+    // The clock is paused: this runs every timer due before it, in order.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(show(&t, "d").unwrap().waiters.is_empty(), "left at 200 ms");
+    match b.notices.try_recv() {
+        Some(Notice::Failed(LockError::NotAcquired { waited, .. })) => {
+            assert_eq!(waited, Duration::from_millis(200));
+        }
+        other => panic!("expected Failed(NotAcquired), got {other:?}"),
+    }
+    drop(a);
+    assert!(b.notices.try_recv().is_none(), "not granted after it");
+    assert!(show(&t, "d").is_none(), "nobody holds or waits");
+    // Its place under --max-holds comes back with the ticket, once.
+    drop(b);
+    assert_eq!(t.shared.holds.load(Ordering::Acquire), 0);
+}
