@@ -13,13 +13,47 @@
 //! for every allowed connection when the limit is large, a quarter of the
 //! descriptors when it is not, and never less than 256. The redis kind's
 //! idle connections (its pool, at most 32) live in the reserve too.
+//!
+//! **Spares.** A descriptor that is cheaper to keep than to open again (a
+//! fence counter, drawn from at every grant of its name) can be kept open
+//! as a spare, in a fixed table of [`SPARE_SLOTS`] slots by key. A spare
+//! counts against the budget like a held lock, but only while there is
+//! room: it is kept only when the budget has a descriptor free, and when a
+//! lock finds the budget spent, every spare is closed and the lock counted
+//! in their place. So spares never cost a client a grant.
 
 use crate::error::LockError;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Slots of the table of spare descriptors (a power of two): at most this
+/// many are kept open.
+pub const SPARE_SLOTS: usize = 1024;
+
+/// A descriptor kept open for reuse, and what it was opened as.
+#[derive(Debug)]
+pub struct Spare {
+    key: Box<str>,
+    fd: OwnedFd,
+}
+
+impl Spare {
+    /// `fd`, opened as `key` (e.g. the file's path beneath a root).
+    pub fn new(key: impl Into<Box<str>>, fd: OwnedFd) -> Spare {
+        Spare {
+            key: key.into(),
+            fd,
+        }
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
 
 /// The descriptors locks may use, and how many they use now.
-#[derive(Debug)]
 pub struct Descriptors {
     /// The soft `RLIMIT_NOFILE` after raising it.
     pub limit: usize,
@@ -27,7 +61,22 @@ pub struct Descriptors {
     pub reserve: usize,
     /// Descriptors locks may hold at once: `limit - reserve`.
     pub budget: usize,
+    /// Lock descriptors and spares counted now.
     used: AtomicUsize,
+    /// Spare descriptors by a hash of their key; each counted in `used`.
+    spares: Box<[Mutex<Option<Spare>>]>,
+    hasher: std::hash::RandomState,
+}
+
+impl std::fmt::Debug for Descriptors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Descriptors")
+            .field("limit", &self.limit)
+            .field("reserve", &self.reserve)
+            .field("budget", &self.budget)
+            .field("used", &self.used())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One descriptor counted against the budget until dropped.
@@ -75,6 +124,8 @@ impl Descriptors {
             reserve,
             budget: limit - reserve,
             used: AtomicUsize::new(0),
+            spares: (0..SPARE_SLOTS).map(|_| Mutex::default()).collect(),
+            hasher: std::hash::RandomState::new(),
         }
     }
 
@@ -83,24 +134,75 @@ impl Descriptors {
         Arc::new(Descriptors::plan(usize::MAX / 2, 0))
     }
 
-    /// Descriptors locks use now.
+    /// Descriptors locks and spares use now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
 
-    /// Counts one more lock descriptor, or refuses when the budget is spent.
+    /// Counts one more lock descriptor. When the budget is spent, the
+    /// spares are closed to make room; refused when that is not enough.
     pub fn take(self: &Arc<Self>) -> Result<FdToken, LockError> {
-        let taken = self
-            .used
+        if self.count_one() || {
+            self.shed();
+            self.count_one()
+        } {
+            return Ok(FdToken(self.clone()));
+        }
+        Err(LockError::NoDescriptors {
+            budget: self.budget,
+            limit: self.limit,
+        })
+    }
+
+    /// Counts one descriptor if the budget has room.
+    fn count_one(&self) -> bool {
+        self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used < self.budget).then_some(used + 1)
-            });
-        match taken {
-            Ok(_) => Ok(FdToken(self.clone())),
-            Err(_) => Err(LockError::NoDescriptors {
-                budget: self.budget,
-                limit: self.limit,
-            }),
+            })
+            .is_ok()
+    }
+
+    fn slot(&self, key: &str) -> std::sync::MutexGuard<'_, Option<Spare>> {
+        let slot = &self.spares[self.hasher.hash_one(key) as usize % SPARE_SLOTS];
+        slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The spare kept as `key`, if there is one: it is the caller's now
+    /// (and no longer counted), so no one else uses it meanwhile.
+    pub fn reuse(&self, key: &str) -> Option<Spare> {
+        let spare = {
+            let mut slot = self.slot(key);
+            match &*slot {
+                Some(spare) if *spare.key == *key => slot.take(),
+                _ => None,
+            }
+        }?;
+        self.used.fetch_sub(1, Ordering::AcqRel);
+        Some(spare)
+    }
+
+    /// Keeps `spare` open for a later [`reuse`](Self::reuse), in place of
+    /// whatever its slot held; closes it instead when the budget has no
+    /// room.
+    pub fn keep(&self, spare: Spare) {
+        if !self.count_one() {
+            return;
+        }
+        let old = self.slot(&spare.key).replace(spare);
+        if old.is_some() {
+            self.used.fetch_sub(1, Ordering::AcqRel);
+        }
+        // (`old` is closed here, outside the slot's mutex.)
+    }
+
+    /// Closes every spare.
+    fn shed(&self) {
+        for slot in self.spares.iter() {
+            let spare = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if spare.is_some() {
+                self.used.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 }
@@ -131,5 +233,57 @@ mod tests {
         drop(a);
         assert_eq!(fds.used(), 1);
         fds.take().unwrap();
+    }
+
+    fn spare(key: &str) -> Spare {
+        Spare::new(key, rustix::io::dup(std::io::stdin()).unwrap())
+    }
+
+    #[test]
+    fn spares_count_only_while_there_is_room_and_give_way_to_locks() {
+        let fds = Arc::new(Descriptors::plan(259, 0));
+        assert_eq!(fds.budget, 3);
+        fds.keep(spare("a"));
+        fds.keep(spare("b"));
+        assert_eq!(fds.used(), 2);
+        // Only by its key, and only once.
+        assert!(fds.reuse("c").is_none());
+        let a = fds.reuse("a").unwrap();
+        assert_eq!(a.key.as_ref(), "a");
+        assert!(fds.reuse("a").is_none());
+        assert_eq!(fds.used(), 1);
+        fds.keep(a);
+        // A lock takes the last free descriptor; a spare is not kept
+        // without room; the next lock closes the spares to get one.
+        let one = fds.take().unwrap();
+        assert_eq!(fds.used(), 3);
+        fds.keep(spare("c"));
+        assert_eq!(fds.used(), 3);
+        assert!(fds.reuse("c").is_none());
+        let two = fds.take().unwrap();
+        let three = fds.take().unwrap();
+        assert_eq!(fds.used(), 3);
+        assert!(fds.reuse("a").is_none() && fds.reuse("b").is_none());
+        assert!(fds.take().is_err(), "three locks fill a budget of three");
+        drop((one, two, three));
+        assert_eq!(fds.used(), 0);
+    }
+
+    #[test]
+    fn a_spare_replaces_the_one_in_its_slot() {
+        let fds = Arc::new(Descriptors::plan(usize::MAX / 2, 0));
+        for i in 0..SPARE_SLOTS * 3 {
+            fds.keep(spare(&i.to_string()));
+        }
+        let kept = fds.used();
+        assert!(
+            (SPARE_SLOTS / 2..=SPARE_SLOTS).contains(&kept),
+            "{kept} spares kept"
+        );
+        let reused = (0..SPARE_SLOTS * 3)
+            .filter(|i| fds.reuse(&i.to_string()).is_some())
+            .count();
+        assert_eq!(reused, kept, "each counted spare is there to reuse");
+        assert_eq!(fds.used(), 0);
     }
 }

@@ -28,8 +28,9 @@
 //! reserved for its name, not the last one handed out. A process that
 //! finds the file still at the end of its own last reservation (no other
 //! process has drawn since) hands out the next fence of that block from
-//! memory: a grant then costs the counter's open, flock, read and close,
-//! and no write. Otherwise it reserves a new block (read, write the block's
+//! memory: a grant then costs the counter's flock, read and unlock, and
+//! no write (the counter's descriptor stays open between draws, as a spare
+//! of [`Descriptors`]: closed first when locks need the room). Otherwise it reserves a new block (read, write the block's
 //! end) and starts handing out from it. The checks run under the
 //! counter's exclusive flock, and every process reserves above what the
 //! file says, so fences stay strictly increasing across processes: a
@@ -50,7 +51,7 @@
 //! a power loss that rolled a counter file back, the new generation still
 //! puts every new fence above every fence handed out before.
 
-use crate::fds::{Descriptors, FdToken};
+use crate::fds::{Descriptors, FdToken, Spare};
 use crate::fs::{OpenError, Root};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, flock};
 use rustix::io::Errno;
@@ -103,6 +104,10 @@ struct Lease {
     left: u64,
     grow: u64,
 }
+
+/// What the spare descriptors of fence counters are kept as: their path
+/// beneath `.padlock/fences/`, after this.
+const SPARE_PREFIX: &str = "fences/";
 
 /// How long a look at the other instances is trusted.
 const INSTANCES_FRESH: Duration = Duration::from_secs(1);
@@ -268,15 +273,35 @@ impl Fences {
     /// the module's docs), otherwise from a new block reserved above the
     /// file's number.
     pub fn next(&self, kind: &str, name: &str) -> Result<u64, FenceError> {
-        let fd = self.root.open_file(
-            &format!("{kind}/{}", counter_path(name)),
-            OFlags::RDWR,
-            PRIVATE_FILE,
-        )?;
-        lock_counter(&fd)?;
+        // The counter's descriptor is kept open between draws as a spare
+        // (see `crate::fds`): a draw from the block then costs a flock, a
+        // read and an unlock. Counters are never renamed or removed, and
+        // `.padlock/` is padlockd's own, so the path keeps its file.
+        let key = format!("{SPARE_PREFIX}{kind}/{}", counter_path(name));
+        let spare = match self.fds.reuse(&key) {
+            Some(spare) => spare,
+            None => {
+                let fd =
+                    self.root
+                        .open_file(&key[SPARE_PREFIX.len()..], OFlags::RDWR, PRIVATE_FILE)?;
+                Spare::new(key, fd)
+            }
+        };
+        let fence = self.draw(spare.fd(), kind, name)?;
+        // Unlocked, it is kept for the next draw (closed on any error).
+        if flock(spare.fd(), FlockOperation::Unlock).is_ok() {
+            self.fds.keep(spare);
+        }
+        Ok(fence)
+    }
+
+    /// Draws the next fence of `kind`/`name` from its counter `fd`, under
+    /// the counter's exclusive flock, which stays taken.
+    fn draw(&self, fd: &OwnedFd, kind: &str, name: &str) -> Result<u64, FenceError> {
+        lock_counter(fd)?;
         // Under the counter's flock: no other draw of this name, in this
-        // process or another, runs until `fd` is closed.
-        let (last, len) = read_counter(&fd)?;
+        // process or another, runs until it is unlocked.
+        let (last, len) = read_counter(fd)?;
         let slot = &self.leases[self.hasher.hash_one((kind, name)) as usize % LEASE_SLOTS];
         let mut lease = slot.lock().unwrap_or_else(|e| e.into_inner());
         let mine = lease
@@ -303,7 +328,7 @@ impl Fences {
         // Forget the old block before writing: if the write fails, the next
         // draw finds the file unchanged and no block to hand out from.
         *lease = None;
-        write_counter(&fd, end, len, false)?;
+        write_counter(fd, end, len, false)?;
         *lease = Some(Lease {
             kind: kind.to_string(),
             name: name.into(),

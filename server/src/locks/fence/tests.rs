@@ -207,3 +207,34 @@ fn a_locked_counter_is_busy_not_a_wait_and_files_are_private() {
         assert_eq!(mode & 0o777, 0o700, "{d}");
     }
 }
+
+#[test]
+fn counters_stay_open_as_spares_that_give_way_to_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    // A budget of two descriptors.
+    let fds = Arc::new(Descriptors::plan(258, 0));
+    let a = Fences::open(&state(dir.path()), fds.clone()).unwrap();
+    let mut last = a.next("file", "n").unwrap();
+    assert_eq!(fds.used(), 1, "the counter is kept open");
+    for _ in 0..10 {
+        let f = a.next("file", "n").unwrap();
+        assert!(f > last);
+        last = f;
+    }
+    assert_eq!(fds.used(), 1, "and used again, not opened twice");
+    a.next("file", "m").unwrap();
+    assert_eq!(fds.used(), 2);
+    // Locks get the room; draws go on with a counter opened for each.
+    let held = (fds.take().unwrap(), fds.take().unwrap());
+    assert_eq!(fds.used(), 2);
+    let f = a.next("file", "n").unwrap();
+    assert!(f > last, "{f} after {last}");
+    assert_eq!(fds.used(), 2, "no spare without room");
+    drop(held);
+    // Another process drawing in between is seen through a kept counter.
+    a.next("file", "n").unwrap();
+    let b = open(dir.path());
+    let theirs = b.next("file", "n").unwrap();
+    let ours = a.next("file", "n").unwrap();
+    assert!(ours > theirs, "{ours} after {theirs}");
+}
