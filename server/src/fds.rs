@@ -16,11 +16,13 @@
 //!
 //! **Spares.** A descriptor that is cheaper to keep than to open again (a
 //! fence counter, drawn from at every grant of its name) can be kept open
-//! as a spare, in a fixed table of [`SPARE_SLOTS`] slots by key. A spare
-//! counts against the budget like a held lock, but only while there is
-//! room: it is kept only when the budget has a descriptor free, and when a
-//! lock finds the budget spent, every spare is closed and the lock counted
-//! in their place. So spares never cost a client a grant.
+//! as a spare, in a fixed table of [`SPARE_SLOTS`] slots by key. Spares
+//! only fill the room locks leave: one is kept only while locks and spares
+//! together are below the budget, whether a lock is refused depends on the
+//! locks alone, and a lock that brings the two past the budget closes
+//! every spare. So spares never cost a client a grant; while a lock sheds
+//! them, the descriptors in use may pass the budget by the few spares
+//! being kept at that instant, which the reserve absorbs.
 
 use crate::error::LockError;
 use std::hash::BuildHasher;
@@ -61,10 +63,13 @@ pub struct Descriptors {
     pub reserve: usize,
     /// Descriptors locks may hold at once: `limit - reserve`.
     pub budget: usize,
-    /// Lock descriptors and spares counted now.
+    /// Lock descriptors counted now.
     used: AtomicUsize,
-    /// Spare descriptors by a hash of their key; each counted in `used`.
-    spares: Box<[Mutex<Option<Spare>>]>,
+    /// Spares counted now: those in `slots`, and those on their way in or
+    /// out of one.
+    spares: AtomicUsize,
+    /// Spare descriptors by a hash of their key.
+    slots: Box<[Mutex<Option<Spare>>]>,
     hasher: std::hash::RandomState,
 }
 
@@ -124,7 +129,8 @@ impl Descriptors {
             reserve,
             budget: limit - reserve,
             used: AtomicUsize::new(0),
-            spares: (0..SPARE_SLOTS).map(|_| Mutex::default()).collect(),
+            spares: AtomicUsize::new(0),
+            slots: (0..SPARE_SLOTS).map(|_| Mutex::default()).collect(),
             hasher: std::hash::RandomState::new(),
         }
     }
@@ -136,35 +142,32 @@ impl Descriptors {
 
     /// Descriptors locks and spares use now.
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.used.load(Ordering::Acquire) + self.spares.load(Ordering::Acquire)
     }
 
-    /// Counts one more lock descriptor. When the budget is spent, the
-    /// spares are closed to make room; refused when that is not enough.
+    /// Counts one more lock descriptor, or refuses when locks use the
+    /// whole budget. Spares never make it refuse: when they and the locks
+    /// come to more than the budget, they are closed.
     pub fn take(self: &Arc<Self>) -> Result<FdToken, LockError> {
-        if self.count_one() || {
-            self.shed();
-            self.count_one()
-        } {
-            return Ok(FdToken(self.clone()));
-        }
-        Err(LockError::NoDescriptors {
-            budget: self.budget,
-            limit: self.limit,
-        })
-    }
-
-    /// Counts one descriptor if the budget has room.
-    fn count_one(&self) -> bool {
-        self.used
+        let counted = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used < self.budget).then_some(used + 1)
-            })
-            .is_ok()
+            });
+        let Ok(before) = counted else {
+            return Err(LockError::NoDescriptors {
+                budget: self.budget,
+                limit: self.limit,
+            });
+        };
+        if before + 1 + self.spares.load(Ordering::Acquire) > self.budget {
+            self.shed();
+        }
+        Ok(FdToken(self.clone()))
     }
 
     fn slot(&self, key: &str) -> std::sync::MutexGuard<'_, Option<Spare>> {
-        let slot = &self.spares[self.hasher.hash_one(key) as usize % SPARE_SLOTS];
+        let slot = &self.slots[self.hasher.hash_one(key) as usize % self.slots.len()];
         slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -178,32 +181,44 @@ impl Descriptors {
                 _ => None,
             }
         }?;
-        self.used.fetch_sub(1, Ordering::AcqRel);
+        self.spares.fetch_sub(1, Ordering::AcqRel);
         Some(spare)
     }
 
     /// Keeps `spare` open for a later [`reuse`](Self::reuse), in place of
-    /// whatever its slot held; closes it instead when the budget has no
-    /// room.
+    /// whatever its slot held; closes it instead when locks and spares
+    /// already fill the budget.
     pub fn keep(&self, spare: Spare) {
-        if !self.count_one() {
+        let room = self
+            .spares
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spares| {
+                (self.used.load(Ordering::Acquire) + spares < self.budget).then_some(spares + 1)
+            });
+        if room.is_err() {
             return;
         }
         let old = self.slot(&spare.key).replace(spare);
         if old.is_some() {
-            self.used.fetch_sub(1, Ordering::AcqRel);
+            self.spares.fetch_sub(1, Ordering::AcqRel);
         }
         // (`old` is closed here, outside the slot's mutex.)
     }
 
     /// Closes every spare.
     fn shed(&self) {
-        for slot in self.spares.iter() {
+        for slot in self.slots.iter() {
             let spare = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             if spare.is_some() {
-                self.used.fetch_sub(1, Ordering::AcqRel);
+                self.spares.fetch_sub(1, Ordering::AcqRel);
             }
         }
+    }
+
+    /// A table of `slots` spares instead of [`SPARE_SLOTS`] (unit tests).
+    #[cfg(test)]
+    pub fn with_spare_slots(mut self, slots: usize) -> Descriptors {
+        self.slots = (0..slots).map(|_| Mutex::default()).collect();
+        self
     }
 }
 
@@ -240,47 +255,49 @@ mod tests {
     }
 
     #[test]
-    fn spares_count_only_while_there_is_room_and_give_way_to_locks() {
-        let fds = Arc::new(Descriptors::plan(259, 0));
+    fn spares_fill_only_the_room_locks_leave() {
+        // A budget of three, and one slot, so every key shares it.
+        let fds = Arc::new(Descriptors::plan(259, 0).with_spare_slots(1));
         assert_eq!(fds.budget, 3);
         fds.keep(spare("a"));
-        fds.keep(spare("b"));
-        assert_eq!(fds.used(), 2);
-        // Only by its key, and only once.
-        assert!(fds.reuse("c").is_none());
-        let a = fds.reuse("a").unwrap();
-        assert_eq!(a.key.as_ref(), "a");
-        assert!(fds.reuse("a").is_none());
         assert_eq!(fds.used(), 1);
-        fds.keep(a);
-        // A lock takes the last free descriptor; a spare is not kept
-        // without room; the next lock closes the spares to get one.
+        fds.keep(spare("b"));
+        assert_eq!(fds.used(), 1, "b took a's slot, and a was closed");
+        // Only by its key, and only once.
+        assert!(fds.reuse("a").is_none());
+        let b = fds.reuse("b").unwrap();
+        assert!(fds.reuse("b").is_none());
+        assert_eq!(fds.used(), 0);
+        fds.keep(b);
+        // Two locks and the spare fill the budget: the spare stays, and
+        // no other is kept beside them.
         let one = fds.take().unwrap();
+        let two = fds.take().unwrap();
         assert_eq!(fds.used(), 3);
         fds.keep(spare("c"));
-        assert_eq!(fds.used(), 3);
-        assert!(fds.reuse("c").is_none());
-        let two = fds.take().unwrap();
+        assert!(fds.reuse("c").is_none(), "kept past the budget");
+        let b = fds.reuse("b").expect("the spare stays while it fits");
+        fds.keep(b);
+        // The third lock is not refused for the spare: it closes it.
         let three = fds.take().unwrap();
         assert_eq!(fds.used(), 3);
-        assert!(fds.reuse("a").is_none() && fds.reuse("b").is_none());
+        assert!(fds.reuse("b").is_none());
+        fds.keep(spare("d"));
+        assert!(fds.reuse("d").is_none(), "kept with the budget spent");
         assert!(fds.take().is_err(), "three locks fill a budget of three");
         drop((one, two, three));
         assert_eq!(fds.used(), 0);
     }
 
     #[test]
-    fn a_spare_replaces_the_one_in_its_slot() {
-        let fds = Arc::new(Descriptors::plan(usize::MAX / 2, 0));
-        for i in 0..SPARE_SLOTS * 3 {
+    fn spares_are_bounded_by_their_slots() {
+        let fds = Arc::new(Descriptors::plan(usize::MAX / 2, 0).with_spare_slots(8));
+        for i in 0..24 {
             fds.keep(spare(&i.to_string()));
         }
         let kept = fds.used();
-        assert!(
-            (SPARE_SLOTS / 2..=SPARE_SLOTS).contains(&kept),
-            "{kept} spares kept"
-        );
-        let reused = (0..SPARE_SLOTS * 3)
+        assert!((1..=8).contains(&kept), "{kept} spares kept in 8 slots");
+        let reused = (0..24)
             .filter(|i| fds.reuse(&i.to_string()).is_some())
             .count();
         assert_eq!(reused, kept, "each counted spare is there to reuse");

@@ -30,8 +30,9 @@
 //! process has drawn since) hands out the next fence of that block from
 //! memory: a grant then costs the counter's flock, read and unlock, and
 //! no write (the counter's descriptor stays open between draws, as a spare
-//! of [`Descriptors`]: closed first when locks need the room). Otherwise it reserves a new block (read, write the block's
-//! end) and starts handing out from it. The checks run under the
+//! of [`Descriptors`]: closed when locks need the room). Otherwise it
+//! reserves a new block (read, write the block's end) and starts handing
+//! out from it. The checks run under the
 //! counter's exclusive flock, and every process reserves above what the
 //! file says, so fences stay strictly increasing across processes: a
 //! process that drew after another's reservation drew above that block,

@@ -210,20 +210,26 @@ fn a_locked_counter_is_busy_not_a_wait_and_files_are_private() {
 
 #[test]
 fn counters_stay_open_as_spares_that_give_way_to_locks() {
+    use std::os::fd::AsRawFd;
     let dir = tempfile::tempdir().unwrap();
     // A budget of two descriptors.
     let fds = Arc::new(Descriptors::plan(258, 0));
     let a = Fences::open(&state(dir.path()), fds.clone()).unwrap();
     let mut last = a.next("file", "n").unwrap();
     assert_eq!(fds.used(), 1, "the counter is kept open");
-    for _ in 0..10 {
-        let f = a.next("file", "n").unwrap();
-        assert!(f > last);
-        last = f;
-    }
-    assert_eq!(fds.used(), 1, "and used again, not opened twice");
-    a.next("file", "m").unwrap();
-    assert_eq!(fds.used(), 2);
+    let key = format!("{SPARE_PREFIX}file/{}", counter_path("n"));
+    let kept = || {
+        let spare = fds.reuse(&key).expect("the counter's spare");
+        let raw = spare.fd().as_raw_fd();
+        fds.keep(spare);
+        raw
+    };
+    let before = kept();
+    let f = a.next("file", "n").unwrap();
+    assert!(f > last);
+    last = f;
+    assert_eq!(kept(), before, "the same descriptor, used again");
+    assert_eq!(fds.used(), 1);
     // Locks get the room; draws go on with a counter opened for each.
     let held = (fds.take().unwrap(), fds.take().unwrap());
     assert_eq!(fds.used(), 2);
