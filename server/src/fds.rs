@@ -34,17 +34,19 @@ use std::sync::{Arc, Mutex};
 /// many are kept open.
 pub const SPARE_SLOTS: usize = 1024;
 
-/// A descriptor kept open for reuse, and what it was opened as.
+/// A descriptor kept open for reuse, and what it was opened as: `key`
+/// (e.g. a file's path beneath a root) in the namespace `of` (its user).
 #[derive(Debug)]
 pub struct Spare {
+    of: &'static str,
     key: Box<str>,
     fd: OwnedFd,
 }
 
 impl Spare {
-    /// `fd`, opened as `key` (e.g. the file's path beneath a root).
-    pub fn new(key: impl Into<Box<str>>, fd: OwnedFd) -> Spare {
+    pub fn new(of: &'static str, key: impl Into<Box<str>>, fd: OwnedFd) -> Spare {
         Spare {
+            of,
             key: key.into(),
             fd,
         }
@@ -166,18 +168,19 @@ impl Descriptors {
         Ok(FdToken(self.clone()))
     }
 
-    fn slot(&self, key: &str) -> std::sync::MutexGuard<'_, Option<Spare>> {
-        let slot = &self.slots[self.hasher.hash_one(key) as usize % self.slots.len()];
+    fn slot(&self, of: &str, key: &str) -> std::sync::MutexGuard<'_, Option<Spare>> {
+        let slot = &self.slots[self.hasher.hash_one((of, key)) as usize % self.slots.len()];
         slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The spare kept as `key`, if there is one: it is the caller's now
-    /// (and no longer counted), so no one else uses it meanwhile.
-    pub fn reuse(&self, key: &str) -> Option<Spare> {
+    /// The spare kept as `key` in `of`, if there is one: it is the
+    /// caller's now (and no longer counted), so no one else uses it
+    /// meanwhile.
+    pub fn reuse(&self, of: &str, key: &str) -> Option<Spare> {
         let spare = {
-            let mut slot = self.slot(key);
+            let mut slot = self.slot(of, key);
             match &*slot {
-                Some(spare) if *spare.key == *key => slot.take(),
+                Some(spare) if spare.of == of && *spare.key == *key => slot.take(),
                 _ => None,
             }
         }?;
@@ -197,7 +200,7 @@ impl Descriptors {
         if room.is_err() {
             return;
         }
-        let old = self.slot(&spare.key).replace(spare);
+        let old = self.slot(spare.of, &spare.key).replace(spare);
         if old.is_some() {
             self.spares.fetch_sub(1, Ordering::AcqRel);
         }
@@ -251,7 +254,7 @@ mod tests {
     }
 
     fn spare(key: &str) -> Spare {
-        Spare::new(key, rustix::io::dup(std::io::stdin()).unwrap())
+        Spare::new("test", key, rustix::io::dup(std::io::stdin()).unwrap())
     }
 
     #[test]
@@ -263,10 +266,11 @@ mod tests {
         assert_eq!(fds.used(), 1);
         fds.keep(spare("b"));
         assert_eq!(fds.used(), 1, "b took a's slot, and a was closed");
-        // Only by its key, and only once.
-        assert!(fds.reuse("a").is_none());
-        let b = fds.reuse("b").unwrap();
-        assert!(fds.reuse("b").is_none());
+        // Only by its key, in its namespace, and only once.
+        assert!(fds.reuse("test", "a").is_none());
+        assert!(fds.reuse("other", "b").is_none());
+        let b = fds.reuse("test", "b").unwrap();
+        assert!(fds.reuse("test", "b").is_none());
         assert_eq!(fds.used(), 0);
         fds.keep(b);
         // Two locks and the spare fill the budget: the spare stays, and
@@ -275,15 +279,20 @@ mod tests {
         let two = fds.take().unwrap();
         assert_eq!(fds.used(), 3);
         fds.keep(spare("c"));
-        assert!(fds.reuse("c").is_none(), "kept past the budget");
-        let b = fds.reuse("b").expect("the spare stays while it fits");
+        assert!(fds.reuse("test", "c").is_none(), "kept past the budget");
+        let b = fds
+            .reuse("test", "b")
+            .expect("the spare stays while it fits");
         fds.keep(b);
         // The third lock is not refused for the spare: it closes it.
         let three = fds.take().unwrap();
         assert_eq!(fds.used(), 3);
-        assert!(fds.reuse("b").is_none());
+        assert!(fds.reuse("test", "b").is_none());
         fds.keep(spare("d"));
-        assert!(fds.reuse("d").is_none(), "kept with the budget spent");
+        assert!(
+            fds.reuse("test", "d").is_none(),
+            "kept with the budget spent"
+        );
         assert!(fds.take().is_err(), "three locks fill a budget of three");
         drop((one, two, three));
         assert_eq!(fds.used(), 0);
@@ -298,7 +307,7 @@ mod tests {
         let kept = fds.used();
         assert!((1..=8).contains(&kept), "{kept} spares kept in 8 slots");
         let reused = (0..24)
-            .filter(|i| fds.reuse(&i.to_string()).is_some())
+            .filter(|i| fds.reuse("test", &i.to_string()).is_some())
             .count();
         assert_eq!(reused, kept, "each counted spare is there to reuse");
         assert_eq!(fds.used(), 0);

@@ -106,9 +106,9 @@ struct Lease {
     grow: u64,
 }
 
-/// What the spare descriptors of fence counters are kept as: their path
-/// beneath `.padlock/fences/`, after this.
-const SPARE_PREFIX: &str = "fences/";
+/// The namespace of fence counters among the spare descriptors, kept as
+/// their path beneath `.padlock/fences/`.
+const SPARES: &str = "fences";
 
 /// How long a look at the other instances is trusted.
 const INSTANCES_FRESH: Duration = Duration::from_secs(1);
@@ -278,14 +278,12 @@ impl Fences {
         // (see `crate::fds`): a draw from the block then costs a flock, a
         // read and an unlock. Counters are never renamed or removed, and
         // `.padlock/` is padlockd's own, so the path keeps its file.
-        let key = format!("{SPARE_PREFIX}{kind}/{}", counter_path(name));
-        let spare = match self.fds.reuse(&key) {
+        let path = format!("{kind}/{}", counter_path(name));
+        let spare = match self.fds.reuse(SPARES, &path) {
             Some(spare) => spare,
             None => {
-                let fd =
-                    self.root
-                        .open_file(&key[SPARE_PREFIX.len()..], OFlags::RDWR, PRIVATE_FILE)?;
-                Spare::new(key, fd)
+                let fd = self.root.open_file(&path, OFlags::RDWR, PRIVATE_FILE)?;
+                Spare::new(SPARES, path, fd)
             }
         };
         let fence = self.draw(spare.fd(), kind, name)?;

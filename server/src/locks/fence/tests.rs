@@ -217,9 +217,9 @@ fn counters_stay_open_as_spares_that_give_way_to_locks() {
     let a = Fences::open(&state(dir.path()), fds.clone()).unwrap();
     let mut last = a.next("file", "n").unwrap();
     assert_eq!(fds.used(), 1, "the counter is kept open");
-    let key = format!("{SPARE_PREFIX}file/{}", counter_path("n"));
+    let path = format!("file/{}", counter_path("n"));
     let kept = || {
-        let spare = fds.reuse(&key).expect("the counter's spare");
+        let spare = fds.reuse(SPARES, &path).expect("the counter's spare");
         let raw = spare.fd().as_raw_fd();
         fds.keep(spare);
         raw
