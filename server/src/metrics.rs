@@ -307,7 +307,7 @@ impl Metrics {
         if let Some(fds) = self.descriptors.get() {
             let _ = write!(
                 out,
-                "# HELP padlock_lock_descriptors File descriptors held locks use (files, Redis connections), with fence counters kept open (closed first when locks need the room).\n\
+                "# HELP padlock_lock_descriptors File descriptors held locks use (files, Redis connections), with fence counters kept open between grants (closed when locks need the room).\n\
                  # TYPE padlock_lock_descriptors gauge\npadlock_lock_descriptors {}\n\
                  # HELP padlock_lock_descriptors_limit Descriptors locks may use: RLIMIT_NOFILE less a reserve for connections.\n\
                  # TYPE padlock_lock_descriptors_limit gauge\npadlock_lock_descriptors_limit {}\n",

@@ -25,25 +25,24 @@
 //! ([`Fences::others_alive`]).
 //!
 //! **Fences are leased in blocks.** A counter file holds the highest fence
-//! reserved for its name, not the last one handed out. A process that
-//! finds the file still at the end of its own last reservation (no other
-//! process has drawn since) hands out the next fence of that block from
-//! memory: a grant then costs the counter's flock, read and unlock, and
-//! no write (the counter's descriptor stays open between draws, as a spare
-//! of [`Descriptors`]: closed when locks need the room). Otherwise it
-//! reserves a new block (read, write the block's end) and starts handing
-//! out from it. The checks run under the
-//! counter's exclusive flock, and every process reserves above what the
-//! file says, so fences stay strictly increasing across processes: a
-//! process that drew after another's reservation drew above that block,
-//! and the first process, seeing the file moved, reserves above it in
-//! turn. Blocks start at one fence after another process has written
-//! (processes that take turns write once per grant, as before) and double
-//! while this process stays the only one drawing, up to [`LEASE_MAX`].
-//! Fences left unused in a block are skipped, never handed out later.
-//! The leases live in a fixed table of [`LEASE_SLOTS`] slots by name, so
-//! their memory does not grow with the names; a name whose slot was taken
-//! by another simply reserves again.
+//! reserved for its name, not the last one handed out. A process that finds
+//! the file still at the end of its own last reservation (no other process
+//! has drawn since) hands out the next fence of that block from memory: a
+//! grant then costs the counter's flock, read and unlock, and no write (the
+//! counter's descriptor stays open between draws, as a spare of
+//! [`Descriptors`]: closed when locks need the room). Otherwise it reserves
+//! a new block (read, write the block's end) and starts handing out from
+//! it. The checks run under the counter's exclusive flock, and every
+//! process reserves above what the file says, so fences stay strictly
+//! increasing across processes: a process that drew after another's
+//! reservation drew above that block, and the first process, seeing the
+//! file moved, reserves above it in turn. Blocks start at one fence after
+//! another process has written (processes that take turns write once per
+//! grant, as before) and double while this process stays the only one
+//! drawing, up to [`LEASE_MAX`]. Fences left unused in a block are skipped,
+//! never handed out later. The leases live in a fixed table of
+//! [`LEASE_SLOTS`] slots by name, so their memory does not grow with the
+//! names; a name whose slot was taken by another simply reserves again.
 //!
 //! Writing without `fsync` keeps a grant at a few microseconds; the page
 //! cache survives a crash of padlockd, but not of the machine. For that,
