@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod duration;
 mod kind;
+pub mod lean;
 
 pub use kind::{Kind, Mode, UnknownKind};
 

@@ -58,6 +58,7 @@ pub use padlock_proto::v1 as proto;
 pub use padlock_proto::duration;
 
 mod info;
+mod lean;
 mod session;
 pub use info::{Holder, LockInfo, Waiter};
 
@@ -283,6 +284,8 @@ pub struct Client {
     /// With [`ClientBuilder::multiplex`]: the one Session stream that
     /// carries this client's lock requests.
     muxes: Option<std::sync::Arc<session::Muxes>>,
+    /// With [`ClientBuilder::lean`]: where that Session goes without gRPC.
+    lean: Option<std::sync::Arc<lean::Target>>,
 }
 
 /// How to connect: TLS and a client token. Made by [`Client::builder`].
@@ -304,6 +307,8 @@ pub struct ClientBuilder {
     token: Option<String>,
     /// `None`: the default (multiplexed).
     multiplex: Option<bool>,
+    /// `None`: the default (lean where it can).
+    lean: Option<bool>,
 }
 
 impl ClientBuilder {
@@ -339,6 +344,24 @@ impl ClientBuilder {
     /// Hold streams does.
     pub fn multiplex(mut self, multiplex: bool) -> Self {
         self.multiplex = Some(multiplex);
+        self
+    }
+
+    /// Whether the Session stream of a multiplexed client rides padlockd's
+    /// lean transport (the default for `http://` URLs): the same ops in
+    /// small frames on a TCP connection of their own, on the same port,
+    /// without HTTP/2 and gRPC. A lock cycle then costs the server and the
+    /// client about half the CPU. Everything else (listing, server info,
+    /// Hold streams) stays on gRPC. `https://` URLs always use gRPC, and a
+    /// padlockd without the lean transport is noticed at the first lock
+    /// request and served over gRPC from then on. Guards behave the same
+    /// either way. The lean connection is a second connection to the
+    /// server beside the gRPC one (which the server closes after its
+    /// `--idle-timeout` when nothing uses it); a lean connection refused
+    /// for the server's `--max-connections` also sends the client's
+    /// Sessions over gRPC from then on.
+    pub fn lean(mut self, lean: bool) -> Self {
+        self.lean = Some(lean);
         self
     }
 
@@ -379,11 +402,17 @@ impl ClientBuilder {
                 "TLS settings were given for a plain http:// URL; use https://".into(),
             ));
         }
-        let authorization = match self.token {
-            Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        let bearer = self.token.map(|token| format!("Bearer {}", token.trim()));
+        let authorization = match &bearer {
+            Some(bearer) => Some(bearer.parse().map_err(|_| {
                 invalid("the client token has characters that cannot be sent in a header".into())
             })?),
             None => None,
+        };
+        let multiplex = self.multiplex.unwrap_or(true);
+        let lean = match multiplex && self.lean.unwrap_or(true) {
+            true => lean::Target::of(&url, bearer.as_deref()).map(std::sync::Arc::new),
+            false => None,
         };
         let channel = endpoint
             .connect()
@@ -393,7 +422,8 @@ impl ClientBuilder {
             channel,
             owner: default_owner(),
             authorization,
-            muxes: self.multiplex.unwrap_or(true).then(Default::default),
+            muxes: multiplex.then(Default::default),
+            lean,
         };
         // A first request at once: padlockd closes a connection whose
         // first request does not come within its --request-timeout. A
@@ -640,8 +670,10 @@ impl LockBuilder {
             .map(|ms| Duration::from_millis(ms).saturating_add(STREAM_GRACE));
         if let Some(muxes) = &self.client.muxes {
             // A request that crosses the server's end of an idle stream
-            // was never seen: it is asked again, once, on a new stream.
-            for _ in 0..2 {
+            // was never seen: it is asked again, once, on a new stream
+            // (and once more when the first stream found no lean
+            // transport, over gRPC).
+            for _ in 0..3 {
                 let Some(mux) = muxes.get(&self.client).await? else {
                     break; // no Session call: a Hold stream below
                 };

@@ -25,6 +25,8 @@ pub(crate) struct Muxes {
     current: tokio::sync::Mutex<Option<Arc<Mux>>>,
     /// The server has no Session call: use Hold streams.
     unsupported: AtomicBool,
+    /// The server has no lean transport: Sessions go over gRPC.
+    no_lean: AtomicBool,
 }
 
 impl std::fmt::Debug for Muxes {
@@ -43,18 +45,18 @@ pub(crate) struct Mux {
 }
 
 /// What the stream's reader and the requests share.
-struct Shared {
+pub(crate) struct Shared {
     ops: Mutex<Ops>,
 }
 
 #[derive(Default)]
-struct Ops {
+pub(crate) struct Ops {
     open: HashMap<u64, Slot>,
     /// Why the stream ended, once it has.
     ended: Option<String>,
     /// The server refused to open the stream (a token it does not take,
     /// too many connections): what each op on it fails with.
-    refused: Option<tonic::Status>,
+    pub(crate) refused: Option<tonic::Status>,
 }
 
 enum Slot {
@@ -65,12 +67,17 @@ enum Slot {
 }
 
 impl Shared {
-    fn ops(&self) -> std::sync::MutexGuard<'_, Ops> {
+    pub(crate) fn ops(&self) -> std::sync::MutexGuard<'_, Ops> {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Muxes {
+    /// The server does not speak the lean transport: use gRPC.
+    pub(crate) fn lean_unsupported(&self) {
+        self.no_lean.store(true, Ordering::Release);
+    }
+
     /// Does the server have the Session call (as far as known)?
     pub(crate) fn is_supported(&self) -> bool {
         !self.unsupported.load(Ordering::Acquire)
@@ -94,13 +101,26 @@ impl Muxes {
             return Ok(Some(mux.clone()));
         }
         let (requests, outbound) = mpsc::unbounded_channel();
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
         let shared = Arc::new(Shared {
             ops: Mutex::default(),
         });
-        let mut grpc = client.grpc();
-        let open = async move { grpc.session(stream).await };
-        tokio::spawn(open_and_read(open, shared.clone(), Arc::downgrade(self)));
+        match &client.lean {
+            Some(target) if !self.no_lean.load(Ordering::Acquire) => {
+                let run = crate::lean::run(
+                    target.clone(),
+                    outbound,
+                    shared.clone(),
+                    Arc::downgrade(self),
+                );
+                tokio::spawn(run);
+            }
+            _ => {
+                let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
+                let mut grpc = client.grpc();
+                let open = async move { grpc.session(stream).await };
+                tokio::spawn(open_and_read(open, shared.clone(), Arc::downgrade(self)));
+            }
+        }
         let mux = Arc::new(Mux {
             requests,
             shared,
@@ -151,7 +171,7 @@ async fn read(shared: &Shared, mut responses: tonic::Streaming<pb::SessionRespon
 }
 
 /// The stream has ended: every op still open hears of it.
-fn end(shared: &Shared, why: String) {
+pub(crate) fn end(shared: &Shared, why: String) {
     let mut ops = shared.ops();
     ops.ended = Some(why.clone());
     for (_, slot) in ops.open.drain() {
@@ -165,7 +185,7 @@ fn end(shared: &Shared, why: String) {
     }
 }
 
-fn route(shared: &Shared, op: u64, msg: Out) {
+pub(crate) fn route(shared: &Shared, op: u64, msg: Out) {
     let mut ops = shared.ops();
     let last = matches!(msg, Out::Released(_) | Out::Lost(_) | Out::Failed(_));
     match ops.open.get(&op) {

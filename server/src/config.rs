@@ -78,9 +78,18 @@ pub struct Config {
     #[arg(long, env = "PADLOCK_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Largest accepted gRPC message, in bytes.
+    /// Largest accepted gRPC message (and frame of the lean transport), in
+    /// bytes.
     #[arg(long, env = "PADLOCK_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
+
+    /// Serve the lean transport on the listening port: Session ops in small
+    /// frames without HTTP/2 and gRPC, what the Rust SDK uses for locks on
+    /// http:// URLs (about half the CPU per lock cycle). With `false`, such
+    /// connections are treated as HTTP (and refused as bad requests), and
+    /// clients fall back to gRPC.
+    #[arg(long, env = "PADLOCK_LEAN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lean: bool,
 
     /// Most locks (names with holders or waiters) tracked at once.
     #[arg(long, env = "PADLOCK_MAX_LOCKS", default_value_t = 10_000)]

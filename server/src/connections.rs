@@ -49,6 +49,20 @@ impl Conn {
     pub fn info(&self) -> &TcpConnectInfo {
         &self.info
     }
+
+    /// Bounds how long data sent on the connection may go unacknowledged
+    /// before the kernel drops it (`TCP_USER_TIMEOUT`), so that a write to
+    /// a peer that vanished fails instead of waiting for minutes.
+    pub fn set_user_timeout(&self, timeout: Duration) {
+        let tcp = match &self.io {
+            Io::Plain(tcp) => tcp,
+            Io::Tls(tls) => tls.get_ref().0,
+        };
+        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        if let Err(err) = rustix::net::sockopt::set_tcp_user_timeout(tcp, ms) {
+            tracing::debug!(%err, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
 }
 
 macro_rules! delegate {
@@ -269,10 +283,14 @@ fn tcp_keepalive(stream: &TcpStream, every: Duration) {
     }
 }
 
+/// Why a connection over the limit is refused.
+pub fn too_many_connections(max: usize) -> String {
+    format!("padlockd already serves {max} connections (--max-connections); try again later")
+}
+
 /// Routes that refuse every request, for connections over the limit.
 pub fn overflow_routes(max: usize) -> tonic::service::Routes {
-    let message =
-        format!("padlockd already serves {max} connections (--max-connections); try again later");
+    let message = too_many_connections(max);
     let refuse = move |request: axum::extract::Request| {
         let refusal = crate::refusal::Refusal::new(
             tonic::Code::ResourceExhausted,

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod history;
 pub mod http;
 pub mod kinds;
+mod lean;
 pub mod locks;
 pub mod metrics;
 pub mod name;

@@ -302,6 +302,7 @@ impl Metrics {
         let grpc_failures = self.grpc_auth_failures.load(Relaxed);
         let tls_failures = self.tls_handshake_failures.load(Relaxed);
         let connections = self.connections.open.load(Relaxed);
+        let lean = self.connections.lean.load(Relaxed);
         let idle_closed = self.connections.idle_closed.load(Relaxed);
         let request_timeouts = self.connections.request_timeouts.load(Relaxed);
         if let Some(fds) = self.descriptors.get() {
@@ -333,7 +334,7 @@ impl Metrics {
              # HELP padlock_http_client_auth_failures_total HTTP lock requests refused for a missing or unknown client token.\n\
              # TYPE padlock_http_client_auth_failures_total counter\n\
              padlock_http_client_auth_failures_total {client_failures}\n\
-             # HELP padlock_grpc_client_auth_failures_total gRPC requests refused for a missing or unknown client token.\n\
+             # HELP padlock_grpc_client_auth_failures_total gRPC requests and lean connections refused for a missing or unknown client token.\n\
              # TYPE padlock_grpc_client_auth_failures_total counter\n\
              padlock_grpc_client_auth_failures_total {grpc_failures}\n\
              # HELP padlock_tls_handshake_failures_total TLS handshakes that failed or timed out.\n\
@@ -342,6 +343,9 @@ impl Metrics {
              # HELP padlock_connections Client connections being served (not counting over-limit ones being refused).\n\
              # TYPE padlock_connections gauge\n\
              padlock_connections {connections}\n\
+             # HELP padlock_lean_connections Of those, connections of the lean transport (Session ops without HTTP/2).\n\
+             # TYPE padlock_lean_connections gauge\n\
+             padlock_lean_connections {lean}\n\
              # HELP padlock_idle_connections_closed_total Connections closed after --idle-timeout with nothing open on them.\n\
              # TYPE padlock_idle_connections_closed_total counter\n\
              padlock_idle_connections_closed_total {idle_closed}\n\

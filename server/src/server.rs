@@ -67,7 +67,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         ),
         _ => None,
     };
-    let (health, grpc) = grpc_routes(&config, &table, &metrics, tokens.clone(), &lock_dir).await?;
+    let (health, grpc, lean) =
+        grpc_routes(&config, &table, &metrics, tokens.clone(), &lock_dir).await?;
 
     let tls_on = tls.is_some();
     let listen_error = |err| StartError::Listen {
@@ -121,7 +122,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         &config,
         addr,
         &metrics,
-        routes,
+        (routes, lean),
         (incoming, overflow),
         stop_rx,
     )
@@ -194,14 +195,22 @@ async fn build_table(
 }
 
 /// The gRPC side: the Padlock service behind the client-token check, the
-/// standard health service (following readiness) and reflection.
+/// standard health service (following readiness) and reflection; and the
+/// lean transport's Sessions, served by the same service.
 async fn grpc_routes(
     config: &Config,
     table: &LockTable,
     metrics: &Arc<crate::metrics::Metrics>,
     tokens: Option<Arc<ClientTokens>>,
     lock_dir: &str,
-) -> Result<(tonic_health::server::HealthReporter, tonic::service::Routes), StartError> {
+) -> Result<
+    (
+        tonic_health::server::HealthReporter,
+        tonic::service::Routes,
+        crate::lean::Door,
+    ),
+    StartError,
+> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PadlockServer<PadlockService>>().await;
     tokio::spawn(follow_readiness(table.clone(), health.clone()));
@@ -209,7 +218,7 @@ async fn grpc_routes(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let auth = GrpcAuth::new(tokens, {
+    let on_auth_failure = {
         let metrics = metrics.clone();
         move || {
             metrics
@@ -217,7 +226,8 @@ async fn grpc_routes(
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!("refused a gRPC request without a valid client token");
         }
-    });
+    };
+    let auth = GrpcAuth::new(tokens.clone(), on_auth_failure.clone());
     let padlock = PadlockService::new(table.clone(), lock_dir.to_string())
         .first_message_timeout(
             config.request_timeout,
@@ -225,6 +235,13 @@ async fn grpc_routes(
         )
         .max_session_ops(config.max_streams_per_connection as usize)
         .session_idle(Some(config.idle_timeout).filter(|t| !t.is_zero()));
+    let lean = crate::lean::Door::Serve(Arc::new(crate::lean::Lean {
+        service: padlock.clone(),
+        tokens,
+        on_auth_failure: Arc::new(on_auth_failure),
+        max_frame: config.max_message_bytes,
+        keepalive: (config.keepalive_interval, config.keepalive_timeout),
+    }));
     let service = InterceptedService::new(
         PadlockServer::new(padlock).max_decoding_message_size(config.max_message_bytes),
         auth,
@@ -232,7 +249,7 @@ async fn grpc_routes(
     let routes = tonic::service::Routes::new(service)
         .add_service(health_service)
         .add_service(reflection);
-    Ok((health, routes))
+    Ok((health, routes, lean))
 }
 
 /// On the first SIGTERM/SIGINT: not ready (gRPC health too), holders told
@@ -267,7 +284,7 @@ async fn serve(
     config: &Config,
     addr: std::net::SocketAddr,
     metrics: &crate::metrics::Metrics,
-    routes: tonic::service::Routes,
+    (routes, lean): (tonic::service::Routes, crate::lean::Door),
     (incoming, overflow): (
         tokio::sync::mpsc::Receiver<crate::connections::Conn>,
         tokio::sync::mpsc::Receiver<crate::connections::Conn>,
@@ -292,6 +309,7 @@ async fn serve(
                 .collect(),
             check_host: addr.ip().is_loopback(),
         })),
+        lean: config.lean.then_some(lean),
     };
     // Over-limit connections are told so and then let go soon, so that
     // they do not keep the places for refusing others.
@@ -299,6 +317,11 @@ async fn serve(
         idle_timeout: Some(OVERFLOW_IDLE.min(serving.idle_timeout.unwrap_or(OVERFLOW_IDLE))),
         // Counted apart: `padlock_connections` shows the served ones.
         stats: Arc::default(),
+        lean: config.lean.then(|| {
+            crate::lean::Door::Refuse(crate::connections::too_many_connections(
+                config.max_connections,
+            ))
+        }),
         ..serving.clone()
     };
     tokio::spawn(crate::serve::serve(

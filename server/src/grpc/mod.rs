@@ -20,9 +20,10 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-mod session;
+pub mod session;
 
 /// The `padlock.v1.Padlock` service.
+#[derive(Clone)]
 pub struct PadlockService {
     table: LockTable,
     lock_dir: String,
@@ -61,6 +62,28 @@ impl PadlockService {
     pub fn max_session_ops(mut self, max: usize) -> Self {
         self.max_session_ops = max.max(1);
         self
+    }
+
+    /// One Session: its ops, from `inbound`, go to the lock table.
+    pub fn session_mux(
+        &self,
+        inbound: session::Inbound,
+        peer: String,
+        scope: Option<Scope>,
+    ) -> session::Mux {
+        session::Mux::new(
+            self.table.clone(),
+            inbound,
+            peer,
+            scope,
+            (self.first_message, self.timeouts.clone()),
+            (self.max_session_ops, self.session_idle),
+        )
+    }
+
+    /// The lock table the service serves.
+    pub fn table(&self) -> &LockTable {
+        &self.table
     }
 
     /// How long a Hold stream may take to send its Acquire, and what counts
@@ -437,14 +460,10 @@ impl pb::padlock_server::Padlock for PadlockService {
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let scope = request.extensions().get::<Scope>().cloned();
-        Ok(Response::new(session::stream(session::Mux::new(
-            self.table.clone(),
-            request.into_inner(),
-            peer,
-            scope,
-            (self.first_message, self.timeouts.clone()),
-            (self.max_session_ops, self.session_idle),
-        ))))
+        let inbound = Box::pin(request.into_inner());
+        Ok(Response::new(session::stream(
+            self.session_mux(inbound, peer, scope),
+        )))
     }
 
     async fn hold(

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 /// Replies waiting for the client to read them, per stream.
 const OUTBOX: usize = 64;
@@ -36,11 +36,16 @@ const OUTBOX: usize = 64;
 pub type SessionStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SessionResponse, Status>> + Send>>;
 
+/// What the client sends on a Session: a gRPC stream, or the frames of a
+/// lean connection (`crate::lean`).
+pub type Inbound =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SessionRequest, Status>> + Send>>;
+
 /// One Session stream: the client's messages, the outbox of the op tasks,
 /// and the release handle of each open op.
 pub struct Mux {
     table: LockTable,
-    inbound: Streaming<pb::SessionRequest>,
+    inbound: Inbound,
     peer: String,
     scope: Option<Scope>,
     /// How long the first message may take (`None` once it came), and what
@@ -64,7 +69,7 @@ pub struct Mux {
 impl Mux {
     pub fn new(
         table: LockTable,
-        inbound: Streaming<pb::SessionRequest>,
+        inbound: Inbound,
         peer: String,
         scope: Option<Scope>,
         (first_message, timeouts): (Duration, Arc<AtomicU64>),

@@ -79,6 +79,8 @@ use tower::ServiceExt;
 pub struct ConnectionStats {
     /// Connections being served.
     pub open: AtomicI64,
+    /// Of those, connections of the lean transport.
+    pub lean: AtomicI64,
     /// Connections closed for being idle.
     pub idle_closed: AtomicU64,
     /// Requests, Hold streams without an Acquire and connections that sent
@@ -100,6 +102,8 @@ pub struct Serving {
     pub bounded: Arc<Answers>,
     /// Which `Host` names are accepted (`None`: any).
     pub hosts: Option<Arc<crate::origin::Hosts>>,
+    /// What connections of the lean transport get (`None`: closed).
+    pub lean: Option<crate::lean::Door>,
 }
 
 impl Serving {
@@ -166,7 +170,7 @@ pub async fn serve(
 }
 
 async fn serve_connection(
-    conn: Conn,
+    mut conn: Conn,
     builder: Arc<auto::Builder<TokioExecutor>>,
     routes: Routes,
     settings: Serving,
@@ -174,6 +178,39 @@ async fn serve_connection(
     _open: mpsc::Sender<()>,
 ) {
     let _counted = OpenConnection::new(settings.stats.clone());
+    // Its first request (or the lean transport's hello) is due by then.
+    let deadline = after(Instant::now(), settings.request_timeout);
+    // The first bytes tell the lean transport from HTTP.
+    let sniffed = tokio::select! {
+        sniffed = tokio::time::timeout_at(deadline, crate::lean::sniff(&mut conn)) => sniffed,
+        _ = stop.wait_for(|stop| *stop) => return,
+    };
+    let head = match sniffed {
+        Err(_) => {
+            tracing::debug!(peer = ?conn.info().remote_addr, "closing a connection that sent too little to tell its protocol");
+            settings.stats.request_timeouts.fetch_add(1, Relaxed);
+            return;
+        }
+        Ok(None) => return,
+        // (Without the lean transport, hyper answers it as bad HTTP.)
+        Ok(Some((head, true))) if settings.lean.is_none() => head,
+        Ok(Some((_, true))) => {
+            let Some(door) = settings.lean.clone() else {
+                return;
+            };
+            conn.set_user_timeout(settings.keepalive_interval + settings.keepalive_timeout);
+            let peer = conn
+                .info()
+                .remote_addr
+                .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            let timeouts = settings.stats.request_timeouts.clone();
+            settings.stats.lean.fetch_add(1, Relaxed);
+            crate::lean::serve(conn, peer, door, deadline, timeouts).await;
+            settings.stats.lean.fetch_sub(1, Relaxed);
+            return;
+        }
+        Ok(Some((head, false))) => head,
+    };
     let activity = Arc::new(Activity::new());
     let unread = Arc::new(Notify::new());
     let service = ConnService {
@@ -193,9 +230,8 @@ async fn serve_connection(
     // would hold its place until the idle timeout, or forever.
     let silent = {
         let activity = activity.clone();
-        let wait = settings.request_timeout;
         async move {
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep_until(deadline).await;
             if activity.requests.load(Acquire) > 0 {
                 std::future::pending::<()>().await;
             }
@@ -208,7 +244,7 @@ async fn serve_connection(
     tokio::pin!(hard_close);
     let mut abandoning = false;
     let mut silent_counted = false;
-    let connection = builder.serve_connection(TokioIo::new(conn), service);
+    let connection = builder.serve_connection(TokioIo::new(Rewind::new(head, conn)), service);
     tokio::pin!(connection);
     let idle = idle(activity.clone(), settings.idle_timeout);
     tokio::pin!(idle);
@@ -430,6 +466,74 @@ impl Drop for OpenRequest {
         let now = activity.base.elapsed().as_millis() as u64;
         activity.idle_since.fetch_max(now, AcqRel);
         activity.open.fetch_sub(1, AcqRel);
+    }
+}
+
+/// A connection whose first bytes were read to tell its protocol: reads
+/// give them again first.
+struct Rewind {
+    head: Vec<u8>,
+    /// How much of `head` was read again.
+    at: usize,
+    io: Conn,
+}
+
+impl Rewind {
+    fn new(head: Vec<u8>, io: Conn) -> Rewind {
+        Rewind { head, at: 0, io }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.head.len() {
+            let n = (this.head.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.head[this.at..this.at + n]);
+            this.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 

@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// `ClientBuilder::multiplex`).
     #[arg(long)]
     hold_streams: bool,
+    /// The Session stream over gRPC, instead of padlockd's lean transport
+    /// (see `ClientBuilder::lean`).
+    #[arg(long, conflicts_with = "hold_streams")]
+    grpc_session: bool,
 }
 
 /// Latency summary of one phase.
@@ -123,8 +127,11 @@ pub async fn run(
     let phase = Duration::try_from_secs_f64(args.seconds).map_err(|e| format!("--seconds: {e}"))?;
     let err = |e: padlock::Error| e.to_string();
     let own;
-    let (client, connection) = if args.hold_streams {
-        let connection = connection.clone().multiplex(false);
+    let (client, connection) = if args.hold_streams || args.grpc_session {
+        let connection = match args.hold_streams {
+            true => connection.clone().multiplex(false),
+            false => connection.clone().lean(false),
+        };
         own = (connection.clone().connect().await.map_err(err)?, connection);
         (&own.0, &own.1)
     } else {
@@ -136,8 +143,10 @@ pub async fn run(
         args.seconds,
         if args.hold_streams {
             ", one Hold stream per lock"
+        } else if args.grpc_session {
+            ", locks as ops on one gRPC Session stream per client"
         } else {
-            ", locks as ops on one Session stream per client"
+            ", locks as ops on one Session per client (the lean transport where the URL allows)"
         }
     );
     println!("| measure | p50 | p99 | ops/s |");

@@ -1,0 +1,293 @@
+//! The client side of padlockd's lean transport: the client's Session
+//! ops in length-prefixed frames on a TCP connection of their own, without
+//! HTTP/2 and gRPC (see `LeanRequest` in the `.proto`).
+//!
+//! It carries exactly what a gRPC Session stream carries, so a [`Mux`]
+//! does not know which of the two it rides: one task per connection writes
+//! the ops' requests (those queued together in one write), reads the
+//! server's frames and hands each to its op, and keeps the connection
+//! alive with pings. A server that does not answer the hello with a
+//! welcome (a padlockd older than the lean transport, a proxy that only
+//! speaks HTTP) is remembered, and the client's Sessions go over gRPC from
+//! then on; the ops already sent were never seen, and are asked again. So
+//! is a lean connection refused for the server's `--max-connections` (the
+//! client's gRPC connection, which it already has, is within the limit).
+//!
+//! [`Mux`]: crate::session::Mux
+
+use crate::session::{Muxes, Shared, end, route};
+use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use padlock_proto::lean::{self as frame, MAGIC};
+use padlock_proto::v1 as pb;
+use pb::lean_request::Msg as In;
+use pb::lean_response::Msg as Out;
+use prost::Message;
+use prost::bytes::BytesMut;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Requests put into one write at most.
+const COALESCE: usize = 64;
+
+/// The largest frame the client reads from padlockd.
+const MAX_FRAME: usize = 16 << 20;
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a client's lean connections go, and what they say first.
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// `host:port` of the server's URL.
+    pub(crate) addr: String,
+    pub(crate) hello: pb::LeanHello,
+}
+
+impl Target {
+    /// The target of a plain `http://` URL (the lean transport has no TLS
+    /// of its own: `https://` servers get gRPC).
+    pub(crate) fn of(url: &str, authorization: Option<&str>) -> Option<Target> {
+        let uri: tonic::codegen::http::Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let host = uri.host()?;
+        let port = uri.port_u16().unwrap_or(80);
+        Some(Target {
+            addr: format!("{host}:{port}"),
+            hello: pb::LeanHello {
+                authorization: authorization.unwrap_or_default().to_string(),
+            },
+        })
+    }
+}
+
+/// Runs one lean connection as a Session: sends `requests`, hands what
+/// comes back to `shared`'s ops, and ends them all when the connection
+/// ends.
+pub(crate) async fn run(
+    target: Arc<Target>,
+    requests: mpsc::UnboundedReceiver<pb::SessionRequest>,
+    shared: Arc<Shared>,
+    muxes: Weak<Muxes>,
+) {
+    let why = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target.addr)).await {
+        Ok(Ok(tcp)) => match Connection::new(tcp, &target).drive(requests, &shared).await {
+            Ended::Why(why) => why,
+            Ended::NotLean(why) => {
+                // Nothing was taken: the ops ask again, over gRPC.
+                if let Some(muxes) = muxes.upgrade() {
+                    muxes.lean_unsupported();
+                }
+                why
+            }
+            // Over the server's --max-connections: the client's gRPC
+            // connection (within it) carries its Sessions instead.
+            Ended::Refused(status) if status.code() == tonic::Code::ResourceExhausted => {
+                if let Some(muxes) = muxes.upgrade() {
+                    muxes.lean_unsupported();
+                }
+                status.message().to_string()
+            }
+            Ended::Refused(status) => {
+                let why = status.message().to_string();
+                shared.ops().refused = Some(status);
+                why
+            }
+        },
+        Ok(Err(err)) => refused(&shared, format!("cannot connect to {}: {err}", target.addr)),
+        Err(_) => refused(
+            &shared,
+            format!(
+                "cannot connect to {} within {CONNECT_TIMEOUT:?}",
+                target.addr
+            ),
+        ),
+    };
+    end(&shared, why);
+}
+
+/// Every op on a connection that never opened fails with `why`.
+fn refused(shared: &Shared, why: String) -> String {
+    shared.ops().refused = Some(tonic::Status::unavailable(why.clone()));
+    why
+}
+
+/// How a connection ended.
+enum Ended {
+    Why(String),
+    /// The server did not answer the hello with a welcome.
+    NotLean(String),
+    /// The server said no to the hello.
+    Refused(tonic::Status),
+}
+
+struct Connection {
+    tcp: TcpStream,
+    /// Frames read but not taken yet.
+    buf: BytesMut,
+    /// Frames to write.
+    out: BytesMut,
+    welcomed: bool,
+    /// The requests' side is done: nothing more to send.
+    closed: bool,
+    heard: Instant,
+    pinged: Option<Instant>,
+    pings: u64,
+}
+
+impl Connection {
+    fn new(tcp: TcpStream, target: &Target) -> Connection {
+        let _ = tcp.set_nodelay(true);
+        let user_timeout = (KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT).as_millis() as u32;
+        let _ = rustix::net::sockopt::set_tcp_user_timeout(&tcp, user_timeout);
+        let mut out = BytesMut::with_capacity(256);
+        out.extend_from_slice(MAGIC);
+        let hello = pb::LeanRequest {
+            msg: Some(In::Hello(target.hello.clone())),
+        };
+        frame::encode(&hello, &mut out);
+        Connection {
+            tcp,
+            buf: BytesMut::new(),
+            out,
+            welcomed: false,
+            closed: false,
+            heard: Instant::now(),
+            pinged: None,
+            pings: 0,
+        }
+    }
+
+    async fn drive(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<pb::SessionRequest>,
+        shared: &Shared,
+    ) -> Ended {
+        let check = tokio::time::sleep_until(self.heard + KEEPALIVE_INTERVAL);
+        tokio::pin!(check);
+        loop {
+            if !self.out.is_empty() {
+                if let Err(err) = self.tcp.write_all(&self.out).await {
+                    return self.broken(format!("writing to padlockd: {err}"));
+                }
+                self.out.clear();
+            }
+            tokio::select! {
+                request = requests.recv(), if !self.closed => match request {
+                    Some(request) => {
+                        self.add(request);
+                        // What else is queued goes out in the same write.
+                        for _ in 1..COALESCE {
+                            match requests.try_recv() {
+                                Ok(request) => self.add(request),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => {
+                        // No guard or client is left: closing our side
+                        // releases what is held; the server ends the rest.
+                        self.closed = true;
+                        if let Err(err) = self.tcp.shutdown().await {
+                            return self.broken(format!("closing: {err}"));
+                        }
+                    }
+                },
+                read = self.tcp.read_buf(&mut self.buf) => match read {
+                    Ok(0) => {
+                        return self.broken("padlockd closed the connection".into());
+                    }
+                    Ok(_) => {
+                        self.heard = Instant::now();
+                        if let Some(ended) = self.take_frames(shared) {
+                            return ended;
+                        }
+                    }
+                    Err(err) => return self.broken(format!("reading from padlockd: {err}")),
+                },
+                // (Checked when it could be due, not moved at each frame.)
+                () = &mut check => {
+                    let now = Instant::now();
+                    if let Some(at) = self.pinged {
+                        if self.heard >= at {
+                            self.pinged = None;
+                        } else if now >= at + KEEPALIVE_TIMEOUT {
+                            return Ended::Why(format!(
+                                "padlockd did not answer a ping within {KEEPALIVE_TIMEOUT:?}"
+                            ));
+                        }
+                    }
+                    if self.pinged.is_none() && now >= self.heard + KEEPALIVE_INTERVAL {
+                        self.pings += 1;
+                        self.pinged = Some(now);
+                        self.push(In::Ping(self.pings));
+                    }
+                    check.as_mut().reset(match self.pinged {
+                        Some(at) => at + KEEPALIVE_TIMEOUT,
+                        None => self.heard + KEEPALIVE_INTERVAL,
+                    });
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, request: pb::SessionRequest) {
+        self.push(In::Session(request));
+    }
+
+    fn push(&mut self, msg: In) {
+        frame::encode(&pb::LeanRequest { msg: Some(msg) }, &mut self.out);
+    }
+
+    /// The connection failed: before the welcome, the server is not one
+    /// that speaks the lean transport.
+    fn broken(&self, why: String) -> Ended {
+        if self.welcomed {
+            Ended::Why(why)
+        } else {
+            Ended::NotLean(format!("no lean transport there ({why})"))
+        }
+    }
+
+    /// Hands each whole frame read to its op; `Some` ends the connection.
+    fn take_frames(&mut self, shared: &Shared) -> Option<Ended> {
+        loop {
+            let body = match frame::take(&mut self.buf, MAX_FRAME) {
+                Ok(Some(body)) => body,
+                Ok(None) => return None,
+                Err(too) => return Some(self.broken(format!("from padlockd: {too}"))),
+            };
+            let msg = match pb::LeanResponse::decode(body) {
+                Ok(pb::LeanResponse { msg: Some(msg) }) => msg,
+                Ok(_) => continue,
+                Err(err) => {
+                    let why = format!("a frame from padlockd that does not decode: {err}");
+                    return Some(self.broken(why));
+                }
+            };
+            match (self.welcomed, msg) {
+                (false, Out::Welcome(welcome)) => match welcome.refused {
+                    None => self.welcomed = true,
+                    Some(refused) => {
+                        let code = tonic::Code::from(refused.code);
+                        return Some(Ended::Refused(tonic::Status::new(code, refused.message)));
+                    }
+                },
+                (false, _) => {
+                    return Some(self.broken("the first frame was not a welcome".into()));
+                }
+                (true, Out::Session(pb::SessionResponse { op, msg: Some(msg) })) => {
+                    route(shared, op, msg);
+                }
+                (true, Out::Ping(n)) => self.push(In::Pong(n)),
+                (true, Out::Closing(failure)) => return Some(Ended::Why(failure.message)),
+                (true, _) => {}
+            }
+        }
+    }
+}
