@@ -22,7 +22,7 @@ use padlock_proto::v1 as pb;
 use pb::lean_request::Msg as In;
 use pb::lean_response::Msg as Out;
 use prost::Message;
-use prost::bytes::BytesMut;
+use prost::bytes::{Buf, BytesMut};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,6 +35,10 @@ const COALESCE: usize = 64;
 
 /// The largest frame the client reads from padlockd.
 const MAX_FRAME: usize = 16 << 20;
+
+/// Bytes waiting to be sent past which no more requests are taken (they
+/// wait in the queue) until the server reads.
+const OUT_LIMIT: usize = 1 << 20;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,7 +131,8 @@ enum Ended {
 }
 
 struct Connection {
-    tcp: TcpStream,
+    /// Taken by [`Connection::drive`].
+    tcp: Option<TcpStream>,
     /// Frames read but not taken yet.
     buf: BytesMut,
     /// Frames to write.
@@ -152,7 +157,7 @@ impl Connection {
         };
         frame::encode(&hello, &mut out);
         Connection {
-            tcp,
+            tcp: Some(tcp),
             buf: BytesMut::new(),
             out,
             welcomed: false,
@@ -168,17 +173,32 @@ impl Connection {
         mut requests: mpsc::UnboundedReceiver<pb::SessionRequest>,
         shared: &Shared,
     ) -> Ended {
-        let check = tokio::time::sleep_until(self.heard + KEEPALIVE_INTERVAL);
+        let mut tcp = self.tcp.take().expect("a connection to drive");
+        let (mut rd, mut wr) = tcp.split();
+        let started = Instant::now();
+        // The first check is the welcome's deadline (the ping's is no
+        // earlier).
+        let check = tokio::time::sleep_until(started + KEEPALIVE_TIMEOUT);
         tokio::pin!(check);
+        let mut shut = false;
         loop {
-            if !self.out.is_empty() {
-                if let Err(err) = self.tcp.write_all(&self.out).await {
-                    return self.broken(format!("writing to padlockd: {err}"));
+            if self.closed && self.out.is_empty() && !shut {
+                // No guard or client is left and all is sent: closing our
+                // side releases what is held; the server ends the rest.
+                shut = true;
+                if let Err(err) = wr.shutdown().await {
+                    return self.broken(format!("closing: {err}"));
                 }
-                self.out.clear();
             }
             tokio::select! {
-                request = requests.recv(), if !self.closed => match request {
+                // Sending never stops reading: a server that answers
+                // while a burst goes out is heard (and is not blocked).
+                written = wr.write(&self.out), if !self.out.is_empty() => match written {
+                    Ok(0) => return self.broken("padlockd stopped taking data".into()),
+                    Ok(n) => self.out.advance(n),
+                    Err(err) => return self.broken(format!("writing to padlockd: {err}")),
+                },
+                request = requests.recv(), if !self.closed && self.out.len() < OUT_LIMIT => match request {
                     Some(request) => {
                         self.add(request);
                         // What else is queued goes out in the same write.
@@ -189,16 +209,9 @@ impl Connection {
                             }
                         }
                     }
-                    None => {
-                        // No guard or client is left: closing our side
-                        // releases what is held; the server ends the rest.
-                        self.closed = true;
-                        if let Err(err) = self.tcp.shutdown().await {
-                            return self.broken(format!("closing: {err}"));
-                        }
-                    }
+                    None => self.closed = true,
                 },
-                read = self.tcp.read_buf(&mut self.buf) => match read {
+                read = rd.read_buf(&mut self.buf) => match read {
                     Ok(0) => {
                         return self.broken("padlockd closed the connection".into());
                     }
@@ -213,6 +226,11 @@ impl Connection {
                 // (Checked when it could be due, not moved at each frame.)
                 () = &mut check => {
                     let now = Instant::now();
+                    if !self.welcomed {
+                        // Something that neither welcomes nor refuses (a
+                        // proxy that waits for HTTP): not a lean transport.
+                        return self.broken(format!("no welcome within {KEEPALIVE_TIMEOUT:?}"));
+                    }
                     if let Some(at) = self.pinged {
                         if self.heard >= at {
                             self.pinged = None;

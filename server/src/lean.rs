@@ -22,9 +22,11 @@
 //! - **Liveness.** A client not heard from for `--keepalive-interval` is
 //!   pinged, and the connection (with every lock on it) is dropped when
 //!   `--keepalive-timeout` passes without a frame from it: an open socket
-//!   alone is no proof of life, as with HTTP/2 pings. `TCP_USER_TIMEOUT`
-//!   bounds how long data may go unacknowledged, so a write to a peer that
-//!   vanished does not hang past the same bound.
+//!   alone is no proof of life, as with HTTP/2 pings. A write that does
+//!   not finish within their sum (the client does not read) drops the
+//!   connection too, and `TCP_USER_TIMEOUT` bounds how long data may go
+//!   unacknowledged, so a write to a peer that vanished does not hang
+//!   either. A burst of pings gets one pong, for the latest.
 
 use crate::auth::ClientTokens;
 use crate::grpc::{PadlockService, session};
@@ -38,7 +40,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
@@ -49,10 +51,6 @@ const COALESCE: usize = 64;
 /// After a refusal, how long the client's further bytes are read (and
 /// dropped) before the connection closes.
 const LINGER: Duration = Duration::from_secs(1);
-
-/// Pongs owed to the client; past these, its pings go unanswered until it
-/// reads.
-const PONGS: usize = 4;
 
 /// What serves lean connections.
 pub struct Lean {
@@ -177,7 +175,8 @@ pub async fn serve<IO>(
     }
     let heard = reader.heard.clone();
     let base = reader.base;
-    let (pong_tx, mut pongs) = mpsc::channel(PONGS);
+    // The latest ping is what the next pong answers (a burst gets one).
+    let (pong_tx, mut pongs) = watch::channel(0u64);
     let inbound =
         futures_util::stream::unfold((reader, pong_tx), |(mut reader, pongs)| async move {
             let request = reader.next_session(&pongs).await?;
@@ -194,9 +193,11 @@ pub async fn serve<IO>(
     loop {
         out.clear();
         let mut end = false;
+        let mut closing = false;
         tokio::select! {
             biased;
             reply = replies.next() => {
+                closing = matches!(reply, Some(Err(_)));
                 end = add_reply(reply, &mut out);
                 // What else is ready goes out in the same write.
                 for _ in 1..COALESCE {
@@ -207,12 +208,18 @@ pub async fn serve<IO>(
                         std::future::poll_fn(|cx| std::task::Poll::Ready(replies.as_mut().poll_next(cx)))
                             .await;
                     match ready {
-                        std::task::Poll::Ready(reply) => end = add_reply(reply, &mut out),
+                        std::task::Poll::Ready(reply) => {
+                            closing = matches!(reply, Some(Err(_)));
+                            end = add_reply(reply, &mut out);
+                        }
                         std::task::Poll::Pending => break,
                     }
                 }
             }
-            Some(n) = pongs.recv() => frame::encode(&response(Out::Pong(n)), &mut out),
+            Ok(()) = pongs.changed() => {
+                let n = *pongs.borrow_and_update();
+                frame::encode(&response(Out::Pong(n)), &mut out);
+            }
             () = &mut check => {
                 let heard_at = base + Duration::from_nanos(heard.load(Ordering::Acquire));
                 match keepalive.due(heard_at, Instant::now()) {
@@ -226,13 +233,35 @@ pub async fn serve<IO>(
                 check.as_mut().reset(keepalive.next_check(heard_at));
             }
         }
-        if !out.is_empty() && write.write_all(&out).await.is_err() {
+        if !out.is_empty() && !write_within(&mut write, &out, interval + timeout).await {
+            tracing::debug!(%peer, "dropping a lean connection that does not read");
             return;
         }
         if end {
             let _ = write.shutdown().await;
+            if closing {
+                // Time for the client to read why before a reset (of unread
+                // bytes) could destroy it.
+                tokio::time::sleep(LINGER).await;
+            }
             return;
         }
+    }
+}
+
+/// Writes all of `bytes`; `false` when that failed, or did not finish
+/// within `limit` (the client does not read). Most writes finish at once
+/// and need no timer.
+async fn write_within<W: AsyncWrite>(
+    write: &mut WriteHalf<W>,
+    bytes: &[u8],
+    limit: Duration,
+) -> bool {
+    let mut all = std::pin::pin!(write.write_all(bytes));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(all.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(written) => written.is_ok(),
+        std::task::Poll::Pending => matches!(tokio::time::timeout(limit, all).await, Ok(Ok(()))),
     }
 }
 
@@ -345,15 +374,14 @@ impl<R: AsyncRead> Reader<R> {
     /// on the way. `None` ends the Session's inbound side.
     async fn next_session(
         &mut self,
-        pongs: &mpsc::Sender<u64>,
+        pongs: &watch::Sender<u64>,
     ) -> Option<Result<pb::SessionRequest, Status>> {
         loop {
             match self.next().await {
                 Ok(None) => return None,
                 Ok(Some(In::Session(request))) => return Some(Ok(request)),
                 Ok(Some(In::Ping(n))) => {
-                    // A client that pings without reading gets no more.
-                    let _ = pongs.try_send(n);
+                    let _ = pongs.send(n);
                 }
                 Ok(Some(In::Pong(_))) => {}
                 Ok(Some(In::Hello(_))) => {

@@ -184,6 +184,8 @@ async fn the_sdk_locks_over_the_lean_transport_beside_grpc_clients() {
         .unwrap()
         .unwrap();
     fences.push(second.fence());
+    // The `.lean(false)` client got it over gRPC.
+    assert_eq!(metric(&server, "padlock_lean_connections").await, 1.0);
     let held_by_lean = tokio::spawn({
         let lean = lean.clone();
         async move { lean.lock("mixed/a").acquire().await }
@@ -227,7 +229,6 @@ async fn without_the_lean_transport_the_sdk_locks_over_grpc() {
             .unwrap();
         guard.release().await.unwrap();
     }
-    assert_eq!(metric(&server, "padlock_lean_connections").await, 0.0);
     // A lean hello gets what an older padlockd gives: bad HTTP.
     let mut raw = Raw::open(&server).await;
     raw.send(In::Hello(pb::LeanHello::default())).await;
@@ -289,7 +290,6 @@ async fn hostile_frames_end_only_their_own_connection() {
     }
     raw.acquire(2, "hostile/ok").await;
     assert!(matches!(raw.reply().await, (2, SessionOut::Granted(_))));
-    assert!(!std::path::Path::new("/etc/passwd.lock").exists());
 
     // The lock held all along is still held.
     let other = server.client().await;
@@ -326,9 +326,15 @@ async fn requests_may_follow_the_hello_without_waiting_for_the_welcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_lean_connection_is_cut() {
     let server = Server::start_with_args(&["--request-timeout", "1s"]);
-    // The magic and no hello.
+    // The magic and no hello: cut at the request timeout.
+    let opened = std::time::Instant::now();
     let mut raw = Raw::open(&server).await;
     assert_eq!(raw.next().await, None);
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
     // Part of the magic only: the protocol cannot be told.
     let mut part = TcpStream::connect(server.addr).await.unwrap();
     part.write_all(&MAGIC[..4]).await.unwrap();
@@ -428,10 +434,14 @@ async fn a_lean_client_that_stops_answering_pings_loses_its_locks() {
         async move { client.lock("ka/silent").acquire().await }
     });
     assert!(matches!(silent.next().await, Some(Out::Ping(_))));
+    let pinged = std::time::Instant::now();
     let guard = guarded("the waiter's grant", waiter)
         .await
         .unwrap()
         .unwrap();
+    // Within the keepalive timeout (1 s) of the ping, and some slack.
+    let took = pinged.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(
         silent.next().await,
         None,
@@ -469,4 +479,101 @@ async fn over_the_connection_limit_a_lean_client_is_told_why() {
     let refused = welcome.refused.expect("refused");
     assert_failure(&refused, Code::ResourceExhausted, "--max-connections");
     assert_eq!(second.next().await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lean_client_that_does_not_read_is_dropped_and_its_lock_freed() {
+    let server =
+        Server::start_with_args(&["--keepalive-interval", "1s", "--keepalive-timeout", "1s"]);
+    let mut raw = Raw::welcomed(&server).await;
+    raw.acquire(1, "noread/held").await;
+    assert!(matches!(raw.reply().await, (1, SessionOut::Granted(_))));
+    // Then floods requests whose answers it never reads (each a failure),
+    // from a task of its own: its sends stall once the server's stall.
+    let (_read, mut write) = raw.tcp.into_split();
+    let flood = tokio::spawn(async move {
+        let mut out = BytesMut::new();
+        for op in 2..200_000u64 {
+            let acquire = pb::Acquire {
+                name: "../bad".into(),
+                ..pb::Acquire::default()
+            };
+            let request = pb::SessionRequest {
+                op,
+                msg: Some(SessionIn::Acquire(acquire)),
+            };
+            let request = pb::LeanRequest {
+                msg: Some(In::Session(request)),
+            };
+            frame::encode(&request, &mut out);
+        }
+        // Fails once the server drops the connection.
+        let _ = write.write_all(&out).await;
+    });
+    // Its lock goes to a waiter once the server gives up on it.
+    let client = server.client().await;
+    let guard = guarded("the waiter's grant", client.lock("noread/held").acquire())
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+    guarded("the flood's end", flood).await.unwrap();
+    assert_unharmed(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_messages_do_not_keep_an_idle_connection_open() {
+    let server = Server::start_with_args(&["--idle-timeout", "2s"]);
+    let mut raw = Raw::welcomed(&server).await;
+    raw.acquire(1, "idle/a").await;
+    assert!(matches!(raw.reply().await, (1, SessionOut::Granted(_))));
+    raw.session(1, SessionIn::Release(pb::Release {})).await;
+    assert!(matches!(raw.reply().await, (1, SessionOut::Released(_))));
+    let idle_from = std::time::Instant::now();
+    // A release of no open op every 300 ms, and pings: neither opens an
+    // op, so neither may put off the idle end.
+    let Raw { mut tcp, mut buf } = raw;
+    let (mut rd, mut wr) = tcp.split();
+    let mut stray = BytesMut::new();
+    let release = pb::SessionRequest {
+        op: 99,
+        msg: Some(SessionIn::Release(pb::Release {})),
+    };
+    frame::encode(
+        &pb::LeanRequest {
+            msg: Some(In::Session(release)),
+        },
+        &mut stray,
+    );
+    frame::encode(
+        &pb::LeanRequest {
+            msg: Some(In::Ping(1)),
+        },
+        &mut stray,
+    );
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    let ended = guarded("the idle end", async {
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if wr.write_all(&stray).await.is_err() {
+                        break idle_from.elapsed();
+                    }
+                }
+                read = rd.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => break idle_from.elapsed(),
+                    Ok(_) => {
+                        while let Some(body) = frame::take(&mut buf, 1 << 20).unwrap() {
+                            let msg = pb::LeanResponse::decode(body).unwrap().msg;
+                            assert!(matches!(msg, Some(Out::Pong(_))), "{msg:?}");
+                        }
+                    }
+                },
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended < Duration::from_secs(4),
+        "ended {ended:?} after the last op"
+    );
 }

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::Status;
 
@@ -48,13 +49,16 @@ pub struct Mux {
     inbound: Inbound,
     peer: String,
     scope: Option<Scope>,
-    /// How long the first message may take (`None` once it came), and what
-    /// counts the streams cut for it.
-    first_message: Option<Duration>,
+    /// When the first message must have come, and the limit that makes it
+    /// (`None` once it came); and what counts the streams cut for it.
+    first_message: Option<(Instant, Duration)>,
     timeouts: Arc<AtomicU64>,
     max_ops: usize,
     /// How long the stream may have no op open (`None`: forever).
     idle: Option<Duration>,
+    /// Since when no op has been open (a message that opens none, such as
+    /// a refused acquire or a stray release, does not move it).
+    idle_since: Instant,
     outbox: mpsc::Receiver<pb::SessionResponse>,
     sender: mpsc::Sender<pb::SessionResponse>,
     /// Open ops: the handle that asks an op to release (`None` once asked).
@@ -76,15 +80,17 @@ impl Mux {
         (max_ops, idle): (usize, Option<Duration>),
     ) -> Mux {
         let (sender, outbox) = mpsc::channel(OUTBOX);
+        let now = Instant::now();
         Mux {
             table,
             inbound,
             peer,
             scope,
-            first_message: Some(first_message),
+            first_message: Some((deadline(now, first_message), first_message)),
             timeouts,
             max_ops,
             idle,
+            idle_since: now,
             outbox,
             sender,
             ops: HashMap::new(),
@@ -113,12 +119,15 @@ impl Mux {
             let table = self.table.clone();
             let inbound = async {
                 match (self.first_message, silence) {
-                    (Some(limit), _) => tokio::time::timeout(limit, self.inbound.next())
+                    (Some((due, limit)), _) => tokio::time::timeout_at(due, self.inbound.next())
                         .await
                         .map_err(|_| Some(limit)),
-                    (None, Some(idle)) => tokio::time::timeout(idle, self.inbound.next())
-                        .await
-                        .map_err(|_| None),
+                    (None, Some(idle)) => tokio::time::timeout_at(
+                        deadline(self.idle_since, idle),
+                        self.inbound.next(),
+                    )
+                    .await
+                    .map_err(|_| None),
                     (None, None) => Ok(self.inbound.next().await),
                 }
             };
@@ -165,8 +174,10 @@ impl Mux {
         if matches!(
             reply.msg,
             Some(Out::Released(_) | Out::Lost(_) | Out::Failed(_))
-        ) {
-            self.ops.remove(&reply.op);
+        ) && self.ops.remove(&reply.op).is_some()
+            && self.ops.is_empty()
+        {
+            self.idle_since = Instant::now();
         }
         reply
     }
@@ -221,6 +232,12 @@ impl Mux {
             )),
         }
     }
+}
+
+/// `at + limit`, or about 30 years from `at` when that does not fit.
+fn deadline(at: Instant, limit: Duration) -> Instant {
+    at.checked_add(limit)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// The response stream of one Session call.

@@ -204,9 +204,8 @@ async fn serve_connection(
                 .remote_addr
                 .map_or_else(|| "unknown".to_string(), |a| a.to_string());
             let timeouts = settings.stats.request_timeouts.clone();
-            settings.stats.lean.fetch_add(1, Relaxed);
+            let _lean = Raised::new(&settings.stats.lean);
             crate::lean::serve(conn, peer, door, deadline, timeouts).await;
-            settings.stats.lean.fetch_sub(1, Relaxed);
             return;
         }
         Ok(Some((head, false))) => head,
@@ -534,6 +533,22 @@ impl tokio::io::AsyncWrite for Rewind {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+/// Adds one to a gauge until dropped.
+struct Raised<'a>(&'a AtomicI64);
+
+impl Raised<'_> {
+    fn new(gauge: &AtomicI64) -> Raised<'_> {
+        gauge.fetch_add(1, Relaxed);
+        Raised(gauge)
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
