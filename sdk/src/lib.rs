@@ -351,7 +351,7 @@ impl ClientBuilder {
     /// lean transport (the default for `http://` URLs): the same ops in
     /// small frames on a TCP connection of their own, on the same port,
     /// without HTTP/2 and gRPC. A lock cycle then costs the server and the
-    /// client about half the CPU. Everything else (listing, server info,
+    /// client about a fifth less CPU. Everything else (listing, server info,
     /// Hold streams) stays on gRPC. `https://` URLs always use gRPC, and a
     /// padlockd without the lean transport is noticed at the first lock
     /// request and served over gRPC from then on. Guards behave the same
@@ -696,7 +696,7 @@ impl LockBuilder {
             }
             if muxes.is_supported() {
                 return Err(Error::Status(tonic::Status::unavailable(
-                    "the session stream to padlockd ended twice before the request was answered",
+                    "the session stream to padlockd ended before the request was answered, on every try",
                 )));
             }
         }

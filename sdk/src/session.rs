@@ -8,7 +8,9 @@
 //! told when its lock is lost. When the stream breaks, every lock on it is
 //! lost at once (as with a Hold stream, the server releases them), and the
 //! next request opens a new stream. A padlockd without the Session call
-//! (older than this client) is served with Hold streams.
+//! (older than this client) is served with Hold streams. The stream is a
+//! gRPC call, or for `http://` URLs a connection of padlockd's lean
+//! transport (`crate::lean`), which carries the same messages.
 
 use crate::{Error, GuardState, Lost, LostReason, Queued};
 use padlock_proto::v1 as pb;
