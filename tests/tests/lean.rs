@@ -577,3 +577,58 @@ async fn stray_messages_do_not_keep_an_idle_connection_open() {
         "ended {ended:?} after the last op"
     );
 }
+
+/// A proxy in front of padlockd that passes HTTP and swallows the lean
+/// transport (as an L7 proxy would: it waits for a request that never
+/// comes). Returns its URL.
+async fn proxy_without_lean(server: &Server) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = server.addr;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = [0u8; MAGIC.len()];
+                if client.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                if &head == MAGIC {
+                    // Holds the connection and says nothing.
+                    let mut sink = Vec::new();
+                    let _ = client.read_to_end(&mut sink).await;
+                    return;
+                }
+                let mut server = TcpStream::connect(upstream).await.unwrap();
+                server.write_all(&head).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_that_swallows_the_lean_transport_the_sdk_locks_over_grpc() {
+    let server = Server::start();
+    let url = proxy_without_lean(&server).await;
+    let client = Client::connect(url).await.unwrap();
+    // The first request waits for a welcome that does not come, then goes
+    // over gRPC; the next goes there at once.
+    let first = guarded("the first acquire", client.lock("proxy/a").acquire())
+        .await
+        .unwrap();
+    first.release().await.unwrap();
+    let started = std::time::Instant::now();
+    let second = guarded("the second acquire", client.lock("proxy/a").acquire())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?}: the lean transport was tried again"
+    );
+    second.release().await.unwrap();
+}
