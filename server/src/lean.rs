@@ -238,6 +238,8 @@ pub async fn serve<IO>(
             return;
         }
         if end {
+            // The Session first: its locks go now, not after the linger.
+            drop(replies);
             let _ = write.shutdown().await;
             if closing {
                 // Time for the client to read why before a reset (of unread
