@@ -309,3 +309,25 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_come_from_plain_urls_only() {
+        let addr = |url: &str| Target::of(url, None).map(|t| t.addr);
+        assert_eq!(
+            addr("http://127.0.0.1:7420").as_deref(),
+            Some("127.0.0.1:7420")
+        );
+        assert_eq!(
+            addr("http://locks.internal").as_deref(),
+            Some("locks.internal:80")
+        );
+        assert_eq!(addr("http://[::1]:7420").as_deref(), Some("[::1]:7420"));
+        assert_eq!(addr("https://locks.internal:7420"), None);
+        let hello = Target::of("http://h:1", Some("Bearer t")).unwrap().hello;
+        assert_eq!(hello.authorization, "Bearer t");
+    }
+}
