@@ -255,3 +255,18 @@ pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
         })
         .collect()
 }
+
+/// padlockd's metric `name` (without labels) from `url`'s /metrics.
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    *parse_metrics(&text)
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}

@@ -4,7 +4,7 @@
 
 use padlock::proto as pb;
 use padlock::{Client, Error, Kind};
-use padlock_e2e::http::client as http_client;
+use padlock_e2e::http::metric;
 use padlock_e2e::{Server, assert_strictly_increasing, assert_unharmed, until_waiters};
 use padlock_proto::lean::{self as frame, MAGIC};
 use pb::lean_request::Msg as In;
@@ -25,22 +25,6 @@ async fn guarded<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(GUARD, fut)
         .await
         .unwrap_or_else(|_| panic!("{what}: no answer within {GUARD:?}"))
-}
-
-/// padlockd's metric `name` from /metrics.
-async fn metric(server: &Server, name: &str) -> f64 {
-    let text = http_client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let metrics = padlock_e2e::http::parse_metrics(&text);
-    *metrics
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 /// A lean connection driven by hand.
@@ -172,7 +156,7 @@ async fn the_sdk_locks_over_the_lean_transport_beside_grpc_clients() {
         .unwrap();
     fences.push(first.fence());
     // Only the default client rides the lean transport.
-    assert_eq!(metric(&server, "padlock_lean_connections").await, 1.0);
+    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
     let waiter = tokio::spawn({
         let grpc = grpc.clone();
         async move { grpc.lock("mixed/a").acquire().await }
@@ -185,7 +169,7 @@ async fn the_sdk_locks_over_the_lean_transport_beside_grpc_clients() {
         .unwrap();
     fences.push(second.fence());
     // The `.lean(false)` client got it over gRPC.
-    assert_eq!(metric(&server, "padlock_lean_connections").await, 1.0);
+    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
     let held_by_lean = tokio::spawn({
         let lean = lean.clone();
         async move { lean.lock("mixed/a").acquire().await }
@@ -343,7 +327,7 @@ async fn a_silent_lean_connection_is_cut() {
         .await
         .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
-    assert!(metric(&server, "padlock_request_timeouts_total").await >= 2.0);
+    assert!(metric(&server.url, "padlock_request_timeouts_total").await >= 2.0);
     // A welcomed connection must open an op within the timeout too.
     let mut raw = Raw::welcomed(&server).await;
     let failure = raw.closing().await;
@@ -368,7 +352,7 @@ async fn client_tokens_guard_the_lean_transport() {
         assert_eq!(raw.next().await, None);
     }
     assert_eq!(
-        metric(&server, "padlock_grpc_client_auth_failures_total").await,
+        metric(&server.url, "padlock_grpc_client_auth_failures_total").await,
         3.0
     );
     let wrong = Client::builder(server.url.clone())
@@ -386,7 +370,7 @@ async fn client_tokens_guard_the_lean_transport() {
         .await
         .unwrap();
     let held = team.lock("team/a").acquire().await.unwrap();
-    assert_eq!(metric(&server, "padlock_lean_connections").await, 1.0);
+    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
     match team.lock("other/a").acquire().await {
         Err(Error::Status(s)) => {
             assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");

@@ -6,7 +6,7 @@
 use padlock::proto as pb;
 use padlock::{Client, Error, Kind, LostReason};
 use padlock_e2e::h2::{DATA, END_STREAM, HEADERS, RST_STREAM, RawH2};
-use padlock_e2e::http::{client as http_client, json, token_file};
+use padlock_e2e::http::{client as http_client, json, metric, token_file};
 use padlock_e2e::{
     Server, assert_strictly_increasing, assert_unharmed, eventually, eventually_ok, until_waiters,
 };
@@ -309,22 +309,6 @@ async fn a_silent_session_stream_is_cut() {
     assert_unharmed(&server).await;
 }
 
-/// padlockd's metric `name` from /metrics.
-async fn metric(server: &Server, name: &str) -> f64 {
-    let text = http_client()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let metrics = padlock_e2e::http::parse_metrics(&text);
-    *metrics
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_stream_ends_and_the_next_request_opens_another() {
     let server = Server::start_with_args(&["--idle-timeout", "1s"]);
@@ -341,7 +325,8 @@ async fn an_idle_session_stream_ends_and_the_next_request_opens_another() {
     eventually("the idle connection closed", GUARD + GUARD, || {
         let server = &server;
         async move {
-            (metric(server, "padlock_idle_connections_closed_total").await >= 1.0).then_some(())
+            (metric(&server.url, "padlock_idle_connections_closed_total").await >= 1.0)
+                .then_some(())
         }
     })
     .await;
