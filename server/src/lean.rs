@@ -233,7 +233,9 @@ pub async fn serve<IO>(
                 check.as_mut().reset(keepalive.next_check(heard_at));
             }
         }
-        if !out.is_empty() && !write_within(&mut write, &out, interval + timeout).await {
+        if !out.is_empty()
+            && !write_within(&mut write, &out, interval.saturating_add(timeout)).await
+        {
             tracing::debug!(%peer, "dropping a lean connection that does not read");
             return;
         }

@@ -198,7 +198,11 @@ async fn serve_connection(
             let Some(door) = settings.lean.clone() else {
                 return;
             };
-            conn.set_user_timeout(settings.keepalive_interval + settings.keepalive_timeout);
+            conn.set_user_timeout(
+                settings
+                    .keepalive_interval
+                    .saturating_add(settings.keepalive_timeout),
+            );
             let peer = conn
                 .info()
                 .remote_addr
