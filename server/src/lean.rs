@@ -63,6 +63,9 @@ pub struct Lean {
     pub max_frame: usize,
     /// `--keepalive-interval` and `--keepalive-timeout`.
     pub keepalive: (Duration, Duration),
+    /// Counts the connections closed for having no op open for
+    /// `--idle-timeout`.
+    pub idle_closed: Arc<AtomicU64>,
 }
 
 /// What the lean connections of a listener get: served, or refused with a
@@ -184,7 +187,8 @@ pub async fn serve<IO>(
         });
     let mux = lean
         .service
-        .session_mux(Box::pin(inbound), peer.clone(), scope);
+        .session_mux(Box::pin(inbound), peer.clone(), scope)
+        .opened(lean.idle_closed.clone());
     let mut replies = session::stream(mux);
     let (interval, timeout) = lean.keepalive;
     let mut keepalive = Keepalive::new(interval, timeout);

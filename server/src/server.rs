@@ -241,6 +241,7 @@ async fn grpc_routes(
         on_auth_failure: Arc::new(on_auth_failure),
         max_frame: config.max_message_bytes,
         keepalive: (config.keepalive_interval, config.keepalive_timeout),
+        idle_closed: metrics.connections.idle_closed.clone(),
     }));
     let service = InterceptedService::new(
         PadlockServer::new(padlock).max_decoding_message_size(config.max_message_bytes),

@@ -4,7 +4,7 @@
 
 use padlock::proto as pb;
 use padlock::{Client, Error, Kind};
-use padlock_e2e::http::metric;
+use padlock_e2e::http::{metric, metric_over};
 use padlock_e2e::{Server, assert_strictly_increasing, assert_unharmed, until_waiters};
 use padlock_proto::lean::{self as frame, MAGIC};
 use pb::lean_request::Msg as In;
@@ -204,6 +204,30 @@ async fn the_sdk_locks_over_the_lean_transport_beside_grpc_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_only_locks_holds_one_connection() {
+    let server = Server::start();
+    let http = padlock_e2e::http::client();
+    let gauge = |name| metric_over(&http, &server.url, name);
+    assert_eq!(gauge("padlock_connections").await, 1.0, "the reader's own");
+    // Connecting opens the lean connection (its hello is the check that
+    // padlockd answers), and no gRPC one.
+    let client = server.client().await;
+    assert_eq!(gauge("padlock_lean_connections").await, 1.0);
+    assert_eq!(gauge("padlock_connections").await, 2.0);
+    for _ in 0..2 {
+        let guard = guarded("a lock", client.lock("one/a").acquire())
+            .await
+            .unwrap();
+        guard.release().await.unwrap();
+    }
+    assert_eq!(gauge("padlock_connections").await, 2.0, "locks ride it");
+    // The first call that needs gRPC opens its connection.
+    assert!(client.list("one/").await.unwrap().is_empty());
+    assert_eq!(gauge("padlock_connections").await, 3.0);
+    assert_eq!(gauge("padlock_lean_connections").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_lean_transport_the_sdk_locks_over_grpc() {
     let server = Server::start_with_args(&["--lean", "false"]);
     let client = server.client().await;
@@ -309,7 +333,7 @@ async fn requests_may_follow_the_hello_without_waiting_for_the_welcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_lean_connection_is_cut() {
-    let server = Server::start_with_args(&["--request-timeout", "1s"]);
+    let server = Server::start_with_args(&["--request-timeout", "1s", "--idle-timeout", "2s"]);
     // The magic and no hello: cut at the request timeout.
     let opened = std::time::Instant::now();
     let mut raw = Raw::open(&server).await;
@@ -328,10 +352,20 @@ async fn a_silent_lean_connection_is_cut() {
         .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
     assert!(metric(&server.url, "padlock_request_timeouts_total").await >= 2.0);
-    // A welcomed connection must open an op within the timeout too.
+    // A welcomed connection that opens no op is an idle connection: it
+    // outlives the request timeout and is closed at the idle timeout.
+    let welcomed = std::time::Instant::now();
     let mut raw = Raw::welcomed(&server).await;
-    let failure = raw.closing().await;
-    assert_failure(&failure, Code::DeadlineExceeded, "--request-timeout");
+    assert_eq!(raw.next().await, None);
+    let took = welcomed.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(
+        metric(&server.url, "padlock_idle_connections_closed_total").await,
+        1.0
+    );
     assert_unharmed(&server).await;
 }
 

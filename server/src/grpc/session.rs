@@ -59,6 +59,8 @@ pub struct Mux {
     /// Since when no op has been open (a message that opens none, such as
     /// a refused acquire or a stray release, does not move it).
     idle_since: Instant,
+    /// Counts the idle ends of a stream that is its connection.
+    idle_closed: Option<Arc<AtomicU64>>,
     outbox: mpsc::Receiver<pb::SessionResponse>,
     sender: mpsc::Sender<pb::SessionResponse>,
     /// Open ops: the handle that asks an op to release (`None` once asked).
@@ -91,12 +93,23 @@ impl Mux {
             max_ops,
             idle,
             idle_since: now,
+            idle_closed: None,
             outbox,
             sender,
             ops: HashMap::new(),
             closing: false,
             done: false,
         }
+    }
+
+    /// The stream is a connection whose first message came before it (a
+    /// lean connection's hello): from the start, only the idle timeout
+    /// applies, as to a connection with no stream open, and its idle end
+    /// counts in `idle_closed`.
+    pub fn opened(mut self, idle_closed: Arc<AtomicU64>) -> Mux {
+        self.first_message = None;
+        self.idle_closed = Some(idle_closed);
+        self
     }
 
     /// The next message for the client; `None` ends the stream (and with
@@ -138,7 +151,12 @@ impl Mux {
                 () = table.drained(), if idle => return None,
                 message = inbound => match message {
                     // Idle: nothing is held on it; the client opens another.
-                    Err(None) => self.done = true,
+                    Err(None) => {
+                        self.done = true;
+                        if let Some(closed) = &self.idle_closed {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     Err(Some(limit)) => {
                         self.done = true;
                         self.timeouts.fetch_add(1, Ordering::Relaxed);

@@ -81,8 +81,9 @@ pub struct ConnectionStats {
     pub open: AtomicI64,
     /// Of those, connections of the lean transport.
     pub lean: AtomicI64,
-    /// Connections closed for being idle.
-    pub idle_closed: AtomicU64,
+    /// Connections closed for being idle (lean connections too, whose
+    /// Session ends them).
+    pub idle_closed: Arc<AtomicU64>,
     /// Requests, Hold streams without an Acquire and connections that sent
     /// nothing, cut by `--request-timeout`.
     pub request_timeouts: Arc<AtomicU64>,
