@@ -10,12 +10,19 @@
 //! welcome (a padlockd older than the lean transport, a proxy that only
 //! speaks HTTP) is remembered, and the client's Sessions go over gRPC from
 //! then on; the ops already sent were never seen, and are asked again. So
-//! is a lean connection refused for the server's `--max-connections` (the
-//! client's gRPC connection, which it already has, is within the limit).
+//! is a lean connection refused for the server's `--max-connections` (a
+//! gRPC connection the client already has is within the limit).
+//!
+//! `https://` URLs get TLS first, with the client's CA and certificate.
+//!
+//! A client opens its lean connection when it connects (the hello is its
+//! check that padlockd answers there), and opens its gRPC connection only
+//! for the calls that need one: a client that only locks holds one
+//! connection.
 //!
 //! [`Mux`]: crate::session::Mux
 
-use crate::session::{Muxes, Shared, end, route};
+use crate::session::{Greeted, Muxes, Shared, end, route};
 use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use padlock_proto::lean::{self as frame, MAGIC};
 use padlock_proto::v1 as pb;
@@ -25,10 +32,11 @@ use prost::Message;
 use prost::bytes::{Buf, BytesMut};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// Requests put into one write at most.
 const COALESCE: usize = 64;
@@ -44,75 +52,201 @@ const OUT_LIMIT: usize = 1 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a client's lean connections go, and what they say first.
-#[derive(Debug)]
 pub(crate) struct Target {
     /// `host:port` of the server's URL.
     pub(crate) addr: String,
     pub(crate) hello: pb::LeanHello,
+    /// For `https://` URLs: the same CA and client certificate as the
+    /// client's gRPC connection.
+    tls: Option<Tls>,
 }
 
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The PEM of a CA, and of a client certificate and its key.
+pub(crate) type TlsPem<'a> = (&'a [u8], Option<(&'a [u8], &'a [u8])>);
+
 impl Target {
-    /// The target of a plain `http://` URL (the lean transport has no TLS
-    /// of its own: `https://` servers get gRPC).
-    pub(crate) fn of(url: &str, authorization: Option<&str>) -> Option<Target> {
-        let uri: tonic::codegen::http::Uri = url.parse().ok()?;
-        if uri.scheme_str() != Some("http") {
-            return None;
-        }
-        let host = uri.host()?;
-        let port = uri.port_u16().unwrap_or(80);
-        Some(Target {
-            addr: format!("{host}:{port}"),
+    /// The target of an `http://` URL, or of an `https://` one with the
+    /// CA (and client certificate) to check it with; `Err` for PEM that
+    /// does not parse.
+    pub(crate) fn of(
+        url: &str,
+        authorization: Option<&str>,
+        tls: Option<TlsPem<'_>>,
+    ) -> Result<Option<Target>, String> {
+        let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+            return Ok(None);
+        };
+        let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+            return Ok(None);
+        };
+        let (port, tls) = match (scheme, tls) {
+            ("http", _) => (80, None),
+            ("https", Some(pem)) => (443, Some(Tls::new(host, pem)?)),
+            _ => return Ok(None),
+        };
+        Ok(Some(Target {
+            addr: format!("{host}:{}", uri.port_u16().unwrap_or(port)),
             hello: pb::LeanHello {
                 authorization: authorization.unwrap_or_default().to_string(),
             },
+            tls,
+        }))
+    }
+
+    /// A TCP connection to the server, with TLS when the URL says so.
+    async fn open(&self) -> std::io::Result<Stream> {
+        let tcp = TcpStream::connect(&self.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let user_timeout = (KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT).as_millis() as u32;
+        let _ = rustix::net::sockopt::set_tcp_user_timeout(&tcp, user_timeout);
+        Ok(match &self.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let tls = tls.connector.connect(tls.name.clone(), tcp).await?;
+                Stream::Tls(Box::new(tls))
+            }
         })
     }
 }
 
+impl Tls {
+    /// TLS as the gRPC connection has it: the server's certificate must
+    /// chain to the CA and name `host`; no ALPN (padlockd tells the lean
+    /// transport from HTTP by its first bytes, as without TLS).
+    fn new(host: &str, (ca, identity): TlsPem<'_>) -> Result<Tls, String> {
+        use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_slice_iter(ca) {
+            let der = der.map_err(|e| format!("the CA certificate: {e}"))?;
+            roots
+                .add(der)
+                .map_err(|e| format!("the CA certificate: {e}"))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let certs = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("the client certificate: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| format!("the client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("the client certificate: {e}"))?
+            }
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host} as a TLS server name: {e}"))?;
+        Ok(Tls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            name,
+        })
+    }
+}
+
+/// An open lean connection.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// Runs one lean connection as a Session: sends `requests`, hands what
 /// comes back to `shared`'s ops, and ends them all when the connection
-/// ends.
+/// ends. `greeted` hears how the server answered the hello.
 pub(crate) async fn run(
     target: Arc<Target>,
     requests: mpsc::UnboundedReceiver<pb::SessionRequest>,
     shared: Arc<Shared>,
     muxes: Weak<Muxes>,
+    mut greeted: Option<oneshot::Sender<Greeted>>,
 ) {
-    let why = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target.addr)).await {
-        Ok(Ok(tcp)) => match Connection::new(tcp, &target).drive(requests, &shared).await {
-            Ended::Why(why) => why,
-            Ended::NotLean(why) => {
-                // Nothing was taken: the ops ask again, over gRPC.
-                if let Some(muxes) = muxes.upgrade() {
-                    muxes.lean_unsupported();
+    let no_lean = |muxes: &Weak<Muxes>| {
+        if let Some(muxes) = muxes.upgrade() {
+            muxes.lean_unsupported();
+        }
+    };
+    let why = match tokio::time::timeout(CONNECT_TIMEOUT, target.open()).await {
+        Ok(Ok(stream)) => {
+            let mut connection = Connection::new(&target, greeted.take());
+            let ended = match stream {
+                Stream::Plain(mut tcp) => {
+                    let (rd, wr) = tcp.split();
+                    connection.drive(rd, wr, requests, &shared).await
                 }
-                why
-            }
-            // Over the server's --max-connections: the client's gRPC
-            // connection (within it) carries its Sessions instead.
-            Ended::Refused(status) if status.code() == tonic::Code::ResourceExhausted => {
-                if let Some(muxes) = muxes.upgrade() {
-                    muxes.lean_unsupported();
+                Stream::Tls(tls) => {
+                    let (rd, wr) = tokio::io::split(*tls);
+                    connection.drive(rd, wr, requests, &shared).await
                 }
-                status.message().to_string()
+            };
+            let mut greeted = connection.greeted.take();
+            match ended {
+                Ended::Why(why) => why,
+                Ended::NotLean(why) => {
+                    // Nothing was taken: the ops ask again, over gRPC.
+                    no_lean(&muxes);
+                    tell(&mut greeted, Greeted::NoLean);
+                    why
+                }
+                // Over the server's --max-connections: the client's gRPC
+                // connection carries its Sessions instead.
+                Ended::Refused(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    no_lean(&muxes);
+                    tell(&mut greeted, Greeted::NoLean);
+                    status.message().to_string()
+                }
+                Ended::Refused(status) => {
+                    let why = status.message().to_string();
+                    shared.ops().refused = Some(status);
+                    tell(&mut greeted, Greeted::Refused);
+                    why
+                }
             }
-            Ended::Refused(status) => {
-                let why = status.message().to_string();
-                shared.ops().refused = Some(status);
-                why
-            }
-        },
-        Ok(Err(err)) => refused(&shared, format!("cannot connect to {}: {err}", target.addr)),
-        Err(_) => refused(
-            &shared,
-            format!(
+        }
+        Ok(Err(err)) => {
+            let why = refused(&shared, format!("cannot connect to {}: {err}", target.addr));
+            tell(&mut greeted, Greeted::Unreachable(err));
+            why
+        }
+        Err(_) => {
+            let why = format!(
                 "cannot connect to {} within {CONNECT_TIMEOUT:?}",
                 target.addr
-            ),
-        ),
+            );
+            tell(
+                &mut greeted,
+                Greeted::Unreachable(std::io::ErrorKind::TimedOut.into()),
+            );
+            refused(&shared, why)
+        }
     };
     end(&shared, why);
+}
+
+/// Says how the hello was answered, to whoever waits to know.
+fn tell(greeted: &mut Option<oneshot::Sender<Greeted>>, greeting: Greeted) {
+    if let Some(greeted) = greeted.take() {
+        let _ = greeted.send(greeting);
+    }
 }
 
 /// Every op on a connection that never opened fails with `why`.
@@ -131,8 +265,6 @@ enum Ended {
 }
 
 struct Connection {
-    /// Taken by [`Connection::drive`].
-    tcp: Option<TcpStream>,
     /// Frames read but not taken yet.
     buf: BytesMut,
     /// Frames to write.
@@ -143,13 +275,12 @@ struct Connection {
     heard: Instant,
     pinged: Option<Instant>,
     pings: u64,
+    /// Told of the welcome (taken then).
+    greeted: Option<oneshot::Sender<Greeted>>,
 }
 
 impl Connection {
-    fn new(tcp: TcpStream, target: &Target) -> Connection {
-        let _ = tcp.set_nodelay(true);
-        let user_timeout = (KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT).as_millis() as u32;
-        let _ = rustix::net::sockopt::set_tcp_user_timeout(&tcp, user_timeout);
+    fn new(target: &Target, greeted: Option<oneshot::Sender<Greeted>>) -> Connection {
         let mut out = BytesMut::with_capacity(256);
         out.extend_from_slice(MAGIC);
         let hello = pb::LeanRequest {
@@ -157,7 +288,6 @@ impl Connection {
         };
         frame::encode(&hello, &mut out);
         Connection {
-            tcp: Some(tcp),
             buf: BytesMut::new(),
             out,
             welcomed: false,
@@ -165,16 +295,17 @@ impl Connection {
             heard: Instant::now(),
             pinged: None,
             pings: 0,
+            greeted,
         }
     }
 
     async fn drive(
-        mut self,
+        &mut self,
+        mut rd: impl AsyncRead + Unpin,
+        mut wr: impl AsyncWrite + Unpin,
         mut requests: mpsc::UnboundedReceiver<pb::SessionRequest>,
         shared: &Shared,
     ) -> Ended {
-        let mut tcp = self.tcp.take().expect("a connection to drive");
-        let (mut rd, mut wr) = tcp.split();
         let started = Instant::now();
         // The first check is the welcome's deadline (the ping's is no
         // earlier).
@@ -290,7 +421,12 @@ impl Connection {
             };
             match (self.welcomed, msg) {
                 (false, Out::Welcome(welcome)) => match welcome.refused {
-                    None => self.welcomed = true,
+                    None => {
+                        self.welcomed = true;
+                        if let Some(greeted) = self.greeted.take() {
+                            let _ = greeted.send(Greeted::Welcome);
+                        }
+                    }
                     Some(refused) => {
                         let code = tonic::Code::from(refused.code);
                         return Some(Ended::Refused(tonic::Status::new(code, refused.message)));
@@ -315,8 +451,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_come_from_plain_urls_only() {
-        let addr = |url: &str| Target::of(url, None).map(|t| t.addr);
+    fn targets_come_from_urls_with_what_they_need() {
+        let addr = |url: &str| Target::of(url, None, None).unwrap().map(|t| t.addr);
         assert_eq!(
             addr("http://127.0.0.1:7420").as_deref(),
             Some("127.0.0.1:7420")
@@ -326,8 +462,20 @@ mod tests {
             Some("locks.internal:80")
         );
         assert_eq!(addr("http://[::1]:7420").as_deref(), Some("[::1]:7420"));
+        // https:// needs the CA to check the server with.
         assert_eq!(addr("https://locks.internal:7420"), None);
-        let hello = Target::of("http://h:1", Some("Bearer t")).unwrap().hello;
+        assert_eq!(addr("ftp://locks.internal:7420"), None);
+        let hello = Target::of("http://h:1", Some("Bearer t"), None)
+            .unwrap()
+            .unwrap()
+            .hello;
         assert_eq!(hello.authorization, "Bearer t");
+    }
+
+    #[test]
+    fn a_ca_that_does_not_parse_is_an_error() {
+        let pem = b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n";
+        let err = Target::of("https://h:1", None, Some((pem, None))).unwrap_err();
+        assert!(err.contains("the CA certificate"), "{err}");
     }
 }

@@ -352,14 +352,15 @@ impl ClientBuilder {
     /// small frames on a TCP connection of their own, on the same port,
     /// without HTTP/2 and gRPC. A lock cycle then costs the server and the
     /// client about a fifth less CPU. Everything else (listing, server info,
-    /// Hold streams) stays on gRPC. `https://` URLs always use gRPC, and a
-    /// padlockd without the lean transport is noticed at the first lock
-    /// request and served over gRPC from then on. Guards behave the same
-    /// either way. The lean connection is a second connection to the
-    /// server beside the gRPC one (which the server closes after its
-    /// `--idle-timeout` when nothing uses it); a lean connection refused
-    /// for the server's `--max-connections` also sends the client's
-    /// Sessions over gRPC from then on.
+    /// Hold streams) stays on gRPC. With `https://` URLs the lean
+    /// connection has TLS too, with the same CA and client certificate.
+    /// [`connect`](Self::connect) opens the lean connection (its hello is
+    /// the check that padlockd answers), and the gRPC connection opens only
+    /// for the first call that needs it: a client that only locks holds one
+    /// connection to the server. A padlockd without the lean transport is
+    /// noticed there and served over gRPC from then on, as is a lean
+    /// connection refused for the server's `--max-connections`. Guards
+    /// behave the same either way.
     pub fn lean(mut self, lean: bool) -> Self {
         self.lean = Some(lean);
         self
@@ -382,7 +383,7 @@ impl ClientBuilder {
             .keep_alive_while_idle(true);
         if url.starts_with("https://") {
             let mut tls = tonic::transport::ClientTlsConfig::new();
-            match self.ca_pem {
+            match &self.ca_pem {
                 Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
                 None => {
                     return Err(invalid(
@@ -391,7 +392,7 @@ impl ClientBuilder {
                     ));
                 }
             }
-            if let Some((cert, key)) = self.identity_pem {
+            if let Some((cert, key)) = &self.identity_pem {
                 tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
             }
             endpoint = endpoint
@@ -411,20 +412,49 @@ impl ClientBuilder {
         };
         let multiplex = self.multiplex.unwrap_or(true);
         let lean = match multiplex && self.lean.unwrap_or(true) {
-            true => lean::Target::of(&url, bearer.as_deref()).map(std::sync::Arc::new),
+            true => {
+                let identity = self.identity_pem.as_ref();
+                let tls = self
+                    .ca_pem
+                    .as_deref()
+                    .map(|ca| (ca, identity.map(|(cert, key)| (&cert[..], &key[..]))));
+                lean::Target::of(&url, bearer.as_deref(), tls)
+                    .map_err(invalid)?
+                    .map(std::sync::Arc::new)
+            }
             false => None,
         };
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| connect_error(url.clone(), source))?;
-        let client = Client {
-            channel,
+        // With the lean transport, its hello is the check that padlockd
+        // answers there, and the gRPC connection opens at its first call.
+        let mut client = Client {
+            channel: endpoint.connect_lazy(),
             owner: default_owner(),
             authorization,
             muxes: multiplex.then(Default::default),
             lean,
         };
+        let greeting = match &client.muxes {
+            Some(muxes) => muxes.greet(&client).await,
+            None => None,
+        };
+        if let Some(greeting) = greeting {
+            match greeting.await {
+                // A refusal (a token it does not take) is for the first
+                // lock to say, as it is over gRPC.
+                Ok(session::Greeted::Welcome | session::Greeted::Refused) => return Ok(client),
+                Ok(session::Greeted::Unreachable(err))
+                    if err.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    return Err(Error::Refused { url });
+                }
+                // No lean transport there: gRPC, checked as below.
+                _ => {}
+            }
+        }
+        client.channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| connect_error(url.clone(), source))?;
         // A first request at once: padlockd closes a connection whose
         // first request does not come within its --request-timeout. A
         // refusal (too many connections, a token needed) is for the calls

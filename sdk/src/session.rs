@@ -19,7 +19,7 @@ use pb::session_response::Msg as Out;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The Session stream of a client and its clones, opened when needed.
 #[derive(Default)]
@@ -102,6 +102,31 @@ impl Muxes {
         {
             return Ok(Some(mux.clone()));
         }
+        let mux = self.open(client, None);
+        *current = Some(mux.clone());
+        Ok(Some(mux))
+    }
+
+    /// Opens the client's lean Session now, for
+    /// [`crate::ClientBuilder::connect`]: the answer tells how the server
+    /// greeted it. `None` when the client does not use the lean transport.
+    pub(crate) async fn greet(
+        self: &Arc<Self>,
+        client: &crate::Client,
+    ) -> Option<oneshot::Receiver<Greeted>> {
+        client.lean.as_ref()?;
+        let (greeted, greeting) = oneshot::channel();
+        let mux = self.open(client, Some(greeted));
+        *self.current.lock().await = Some(mux);
+        Some(greeting)
+    }
+
+    /// A new stream, opening in the background.
+    fn open(
+        self: &Arc<Self>,
+        client: &crate::Client,
+        greeted: Option<oneshot::Sender<Greeted>>,
+    ) -> Arc<Mux> {
         let (requests, outbound) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             ops: Mutex::default(),
@@ -113,6 +138,7 @@ impl Muxes {
                     outbound,
                     shared.clone(),
                     Arc::downgrade(self),
+                    greeted,
                 );
                 tokio::spawn(run);
             }
@@ -123,14 +149,24 @@ impl Muxes {
                 tokio::spawn(open_and_read(open, shared.clone(), Arc::downgrade(self)));
             }
         }
-        let mux = Arc::new(Mux {
+        Arc::new(Mux {
             requests,
             shared,
             next_op: AtomicU64::new(1),
-        });
-        *current = Some(mux.clone());
-        Ok(Some(mux))
+        })
     }
+}
+
+/// How the server answered a lean connection's hello.
+pub(crate) enum Greeted {
+    Welcome,
+    /// No lean transport there (or none for this client now: it is at
+    /// its `--max-connections`); the client's Sessions go over gRPC.
+    NoLean,
+    /// Refused, for a reason the client's first lock will be told too.
+    Refused,
+    /// Nothing accepted the connection.
+    Unreachable(std::io::Error),
 }
 
 /// Opens the stream, then reads it; see [`read`]. A server without the

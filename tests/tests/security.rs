@@ -81,6 +81,26 @@ fn tls_server(pki: &Pki, extra: &[&str]) -> Server {
     Server::start_with_args(&args)
 }
 
+/// `/metrics` of a TLS server, read with curl over HTTP/1.1 (with a
+/// client certificate, when the server asks for one).
+fn https_metrics(pki: &Pki, server: &Server, identity: Option<&(PathBuf, PathBuf)>) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sS", "--http1.1", "--cacert", pki.ca().to_str().unwrap()]);
+    if let Some((cert, key)) = identity {
+        curl.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    let metrics = curl
+        .arg(format!("{}/metrics", https(server)))
+        .output()
+        .expect("curl (tests/run.sh installs it)");
+    assert!(
+        metrics.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metrics.stderr)
+    );
+    String::from_utf8(metrics.stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_the_right_ca_works_and_others_are_refused() {
     let pki = Pki::new();
@@ -92,6 +112,11 @@ async fn tls_with_the_right_ca_works_and_others_are_refused() {
         .unwrap();
     let guard = client.lock("tls/ok").acquire().await.unwrap();
     assert!(guard.fence() > 0);
+    // It locks over the lean transport, inside TLS.
+    assert!(
+        https_metrics(&pki, &server, None).contains("\npadlock_lean_connections 1\n"),
+        "no lean connection"
+    );
 
     // A CA that did not sign the server's certificate.
     let other = Pki::new();
@@ -136,17 +161,7 @@ async fn tls_with_the_right_ca_works_and_others_are_refused() {
 
     // HTTP on the same TLS listener (HTTP/1.1 by ALPN), and the refused
     // handshakes above (wrong CA, plaintext) are counted.
-    let metrics = std::process::Command::new("curl")
-        .args(["-sS", "--http1.1", "--cacert", pki.ca().to_str().unwrap()])
-        .arg(format!("{}/metrics", https(&server)))
-        .output()
-        .expect("curl (tests/run.sh installs it)");
-    assert!(
-        metrics.status.success(),
-        "{}",
-        String::from_utf8_lossy(&metrics.stderr)
-    );
-    let text = String::from_utf8_lossy(&metrics.stdout);
+    let text = https_metrics(&pki, &server, None);
     let failures: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("padlock_tls_handshake_failures_total "))
@@ -180,10 +195,11 @@ async fn mutual_tls_requires_a_client_certificate() {
         "a client without a certificate got a lock"
     );
 
-    let (cert, key) = pki.issue("client", &["client"]);
+    let identity = pki.issue("client", &["client"]);
+    let (cert, key) = &identity;
     let client = Client::builder(https(&server))
         .ca_certificate(read(&ca))
-        .identity(read(&cert), read(&key))
+        .identity(read(cert), read(key))
         .connect()
         .await
         .unwrap();
@@ -195,6 +211,11 @@ async fn mutual_tls_requires_a_client_certificate() {
         .release()
         .await
         .unwrap();
+    // Over the lean transport, with its certificate.
+    assert!(
+        https_metrics(&pki, &server, Some(&identity)).contains("\npadlock_lean_connections 1\n"),
+        "no lean connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,8 +254,10 @@ async fn client_tokens_authenticate_and_limit_names() {
         .text()
         .await
         .unwrap();
+    // Each client was refused twice: the hello of the lean connection it
+    // opened when it connected, and the one its lock request opened.
     assert!(
-        metrics.contains("padlock_grpc_client_auth_failures_total 2\n"),
+        metrics.contains("padlock_grpc_client_auth_failures_total 4\n"),
         "{metrics}"
     );
 
@@ -307,9 +330,12 @@ async fn client_tokens_authenticate_and_limit_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_get_a_clear_status() {
-    let server = Server::start_with_args(&["--max-connections", "1"]);
+    // The first client's lean connection (its locks) and its gRPC one
+    // (for `show` below).
+    let server = Server::start_with_args(&["--max-connections", "2"]);
     let first = server.client().await;
     let held = first.lock("limit/x").acquire().await.unwrap();
+    assert_eq!(first.list("limit/").await.unwrap().len(), 1);
     let second = server.client().await;
     match second.lock("limit/y").acquire().await {
         Err(Error::Status(s)) => {
