@@ -232,10 +232,11 @@ pub(crate) async fn run(
                 "cannot connect to {} within {CONNECT_TIMEOUT:?}",
                 target.addr
             );
-            tell(
-                &mut greeted,
-                Greeted::Unreachable(std::io::ErrorKind::TimedOut.into()),
+            let timed_out = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {CONNECT_TIMEOUT:?}"),
             );
+            tell(&mut greeted, Greeted::Unreachable(timed_out));
             refused(&shared, why)
         }
     };

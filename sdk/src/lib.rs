@@ -88,6 +88,10 @@ pub enum Error {
          https://, or it is at its connection limit"
     )]
     NoAnswer { url: String, detail: String },
+    /// The connection was not even accepted within the connect timeout
+    /// (nothing answers at that address).
+    #[error("cannot connect to padlockd at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
     #[error("cannot connect to padlockd at {url}: {}", chain(.source))]
     Connect {
         url: String,
@@ -442,11 +446,16 @@ impl ClientBuilder {
                 // A refusal (a token it does not take) is for the first
                 // lock to say, as it is over gRPC.
                 Ok(session::Greeted::Welcome | session::Greeted::Refused) => return Ok(client),
-                Ok(session::Greeted::Unreachable(err))
-                    if err.kind() == std::io::ErrorKind::ConnectionRefused =>
-                {
-                    return Err(Error::Refused { url });
-                }
+                Ok(session::Greeted::Unreachable(err)) => match err.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return Err(Error::Refused { url }),
+                    // (gRPC would wait as long again.)
+                    std::io::ErrorKind::TimedOut => {
+                        let detail = err.to_string();
+                        return Err(Error::Unreachable { url, detail });
+                    }
+                    // Other failures (TLS) are reported by gRPC's attempt.
+                    _ => {}
+                },
                 // No lean transport there: gRPC, checked as below.
                 _ => {}
             }

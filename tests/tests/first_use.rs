@@ -119,6 +119,33 @@ async fn the_cli_says_when_a_port_is_not_a_padlockd() {
              it is not a padlockd, it serves https://, or it is at its connection limit\n"
         )
     );
+    // A port that takes no connection (its backlog is full): told once the
+    // connect timeout passes, not after a second try over gRPC.
+    let full = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .unwrap();
+    rustix::net::bind(&full, &std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    rustix::net::listen(&full, 0).unwrap();
+    let full_addr =
+        std::net::SocketAddr::try_from(rustix::net::getsockname(&full).unwrap()).unwrap();
+    let _queued = std::net::TcpStream::connect(full_addr).unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("padlock"))
+        .args(["--server", &full_addr.to_string(), "list"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "padlock: cannot connect to padlockd at http://{full_addr}: no connection within 10s\n"
+        )
+    );
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
