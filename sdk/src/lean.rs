@@ -28,6 +28,7 @@ use padlock_proto::lean::{self as frame, MAGIC};
 use padlock_proto::v1 as pb;
 use pb::lean_request::Msg as In;
 use pb::lean_response::Msg as Out;
+use pb::session_response::Msg as SessionOut;
 use prost::Message;
 use prost::bytes::{Buf, BytesMut};
 use std::sync::{Arc, Weak};
@@ -187,7 +188,7 @@ pub(crate) async fn run(
     };
     let why = match tokio::time::timeout(CONNECT_TIMEOUT, target.open()).await {
         Ok(Ok(stream)) => {
-            let mut connection = Connection::new(&target, greeted.take());
+            let mut connection = Connection::new(&target, greeted.take(), muxes.clone());
             let ended = match stream {
                 Stream::Plain(mut tcp) => {
                     let (rd, wr) = tcp.split();
@@ -278,10 +279,19 @@ struct Connection {
     pings: u64,
     /// Told of the welcome (taken then).
     greeted: Option<oneshot::Sender<Greeted>>,
+    /// The largest frame the server reads (0: not known), from its welcome
+    /// (or an earlier connection's).
+    max_frame: usize,
+    muxes: Weak<Muxes>,
 }
 
 impl Connection {
-    fn new(target: &Target, greeted: Option<oneshot::Sender<Greeted>>) -> Connection {
+    fn new(
+        target: &Target,
+        greeted: Option<oneshot::Sender<Greeted>>,
+        muxes: Weak<Muxes>,
+    ) -> Connection {
+        let max_frame = muxes.upgrade().map_or(0, |muxes| muxes.max_frame());
         let mut out = BytesMut::with_capacity(256);
         out.extend_from_slice(MAGIC);
         let hello = pb::LeanRequest {
@@ -297,6 +307,8 @@ impl Connection {
             pinged: None,
             pings: 0,
             greeted,
+            max_frame,
+            muxes,
         }
     }
 
@@ -332,11 +344,11 @@ impl Connection {
                 },
                 request = requests.recv(), if !self.closed && self.out.len() < OUT_LIMIT => match request {
                     Some(request) => {
-                        self.add(request);
+                        self.add(request, shared);
                         // What else is queued goes out in the same write.
                         for _ in 1..COALESCE {
                             match requests.try_recv() {
-                                Ok(request) => self.add(request),
+                                Ok(request) => self.add(request, shared),
                                 Err(_) => break,
                             }
                         }
@@ -386,8 +398,30 @@ impl Connection {
         }
     }
 
-    fn add(&mut self, request: pb::SessionRequest) {
-        self.push(In::Session(request));
+    /// Queues `request`, unless it is over the server's frame limit: the
+    /// server would end the connection, and every lock on it, for it, so
+    /// that request alone fails here.
+    fn add(&mut self, request: pb::SessionRequest, shared: &Shared) {
+        let (op, request) = (
+            request.op,
+            pb::LeanRequest {
+                msg: Some(In::Session(request)),
+            },
+        );
+        let len = request.encoded_len();
+        if self.max_frame != 0 && len > self.max_frame {
+            let failure = pb::Failure {
+                code: tonic::Code::OutOfRange as i32,
+                message: format!(
+                    "the request is {len} bytes; padlockd takes at most {} \
+                     (its --max-message-bytes)",
+                    self.max_frame
+                ),
+            };
+            route(shared, op, SessionOut::Failed(failure));
+            return;
+        }
+        frame::encode(&request, &mut self.out);
     }
 
     fn push(&mut self, msg: In) {
@@ -424,6 +458,12 @@ impl Connection {
                 (false, Out::Welcome(welcome)) => match welcome.refused {
                     None => {
                         self.welcomed = true;
+                        if welcome.max_frame != 0 {
+                            self.max_frame = welcome.max_frame as usize;
+                            if let Some(muxes) = self.muxes.upgrade() {
+                                muxes.set_max_frame(self.max_frame);
+                            }
+                        }
                         if let Some(greeted) = self.greeted.take() {
                             let _ = greeted.send(Greeted::Welcome);
                         }

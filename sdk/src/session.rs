@@ -17,7 +17,7 @@ use padlock_proto::v1 as pb;
 use pb::session_request::Msg as In;
 use pb::session_response::Msg as Out;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -29,6 +29,9 @@ pub(crate) struct Muxes {
     unsupported: AtomicBool,
     /// The server has no lean transport: Sessions go over gRPC.
     no_lean: AtomicBool,
+    /// The largest frame the server's lean transport reads, as its last
+    /// welcome said (0: not known).
+    max_frame: AtomicUsize,
 }
 
 impl std::fmt::Debug for Muxes {
@@ -78,6 +81,15 @@ impl Muxes {
     /// The server does not speak the lean transport: use gRPC.
     pub(crate) fn lean_unsupported(&self) {
         self.no_lean.store(true, Ordering::Release);
+    }
+
+    /// The largest lean frame the server reads (0: not known yet).
+    pub(crate) fn max_frame(&self) -> usize {
+        self.max_frame.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_max_frame(&self, max: usize) {
+        self.max_frame.store(max, Ordering::Relaxed);
     }
 
     /// Does the server have the Session call (as far as known)?

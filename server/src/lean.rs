@@ -171,7 +171,10 @@ pub async fn serve<IO>(
         return;
     }
     let mut out = BytesMut::with_capacity(256);
-    let welcome = pb::LeanWelcome { refused: None };
+    let welcome = pb::LeanWelcome {
+        refused: None,
+        max_frame: u32::try_from(lean.max_frame).unwrap_or(u32::MAX),
+    };
     frame::encode(&response(Out::Welcome(welcome)), &mut out);
     if write.write_all(&out).await.is_err() {
         return;
@@ -311,6 +314,7 @@ async fn refuse<R: AsyncRead, W: AsyncWrite>(
     let refused = failure(&Status::new(code, why));
     let welcome = pb::LeanWelcome {
         refused: Some(refused),
+        max_frame: 0,
     };
     let mut out = BytesMut::new();
     frame::encode(&response(Out::Welcome(welcome)), &mut out);

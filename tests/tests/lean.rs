@@ -228,6 +228,62 @@ async fn a_client_that_only_locks_holds_one_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_from_one_client_is_answered_in_full() {
+    let server = Server::start();
+    let client = server.client().await;
+    let held = client.lock("burst/held").acquire().await.unwrap();
+    // 20,000 requests of 2 KiB at once on one connection: 40 MiB, far
+    // more than the socket buffers and the client's 1 MiB of unsent
+    // frames, so the client writes while the server answers, and holds
+    // requests back while the server has not read.
+    let label = "x".repeat(2048);
+    let requests: Vec<_> = (0..20_000)
+        .map(|i| {
+            let request = client
+                .lock(format!("../burst/{i}"))
+                .label("padding", label.clone());
+            tokio::spawn(request.try_acquire())
+        })
+        .collect();
+    for request in requests {
+        match guarded("every answer", request).await.unwrap() {
+            Err(Error::Status(status)) if status.code() == Code::InvalidArgument => {}
+            other => panic!("expected INVALID_ARGUMENT for a hostile name, got {other:?}"),
+        }
+    }
+    assert!(held.is_held());
+    held.release().await.unwrap();
+    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
+    assert_unharmed(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_frame_limit_fails_alone() {
+    let server = Server::start_with_args(&["--max-message-bytes", "4096"]);
+    let client = server.client().await;
+    let held = client.lock("big/held").acquire().await.unwrap();
+    // Sent, it would end the connection and the lock held on it: the
+    // client knows the limit from the welcome and fails that one request.
+    let big = client.lock("big/x").label("padding", "x".repeat(5000));
+    match guarded("the refusal", big.acquire()).await {
+        Err(Error::Status(status)) if status.code() == Code::OutOfRange => {
+            assert!(
+                status.message().contains("--max-message-bytes"),
+                "{status:?}"
+            );
+        }
+        other => panic!("expected OUT_OF_RANGE, got {other:?}"),
+    }
+    assert!(held.is_held());
+    let next = guarded("a lock beside it", client.lock("big/y").acquire())
+        .await
+        .unwrap();
+    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
+    next.release().await.unwrap();
+    held.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_lean_transport_the_sdk_locks_over_grpc() {
     let server = Server::start_with_args(&["--lean", "false"]);
     let client = server.client().await;
@@ -261,6 +317,7 @@ async fn hostile_frames_end_only_their_own_connection() {
     match raw.next().await {
         Some(Out::Welcome(pb::LeanWelcome {
             refused: Some(failure),
+            ..
         })) => assert_failure(&failure, Code::InvalidArgument, "hello"),
         other => panic!("expected a refusal, got {other:?}"),
     }
