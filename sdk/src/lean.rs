@@ -10,8 +10,11 @@
 //! welcome (a padlockd older than the lean transport, a proxy that only
 //! speaks HTTP) is remembered, and the client's Sessions go over gRPC from
 //! then on; the ops already sent were never seen, and are asked again. So
-//! is a lean connection refused for the server's `--max-connections` (a
-//! gRPC connection the client already has is within the limit).
+//! is a server whose TLS handshake fails for the lean connection (a TLS
+//! terminator that wants HTTP/2 by ALPN): gRPC's own attempt then works,
+//! or says why not. A lean connection refused for the server's
+//! `--max-connections` fails the requests on it, and the next request
+//! tries again, as a Hold stream's would.
 //!
 //! `https://` URLs get TLS first, with the client's CA and certificate.
 //!
@@ -108,19 +111,33 @@ impl Target {
         }))
     }
 
-    /// A TCP connection to the server, with TLS when the URL says so.
-    async fn open(&self) -> std::io::Result<Stream> {
-        let tcp = TcpStream::connect(&self.addr).await?;
+    /// A TCP connection to the server, with TLS when the URL says so;
+    /// each step within [`CONNECT_TIMEOUT`].
+    async fn open(&self) -> Result<Stream, Opening> {
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(err)) => return Err(Opening::Unreachable(err)),
+            Err(_) => {
+                let why = format!("no connection within {CONNECT_TIMEOUT:?}");
+                let err = std::io::Error::new(std::io::ErrorKind::TimedOut, why);
+                return Err(Opening::Unreachable(err));
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let user_timeout = (KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT).as_millis() as u32;
         let _ = rustix::net::sockopt::set_tcp_user_timeout(&tcp, user_timeout);
-        Ok(match &self.tls {
-            None => Stream::Plain(tcp),
-            Some(tls) => {
-                let tls = tls.connector.connect(tls.name.clone(), tcp).await?;
-                Stream::Tls(Box::new(tls))
-            }
-        })
+        let Some(tls) = &self.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let handshake = tls.connector.connect(tls.name.clone(), tcp);
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
+            Ok(Err(err)) => Err(Opening::Tls(format!("TLS handshake: {err}"))),
+            Err(_) => Err(Opening::Tls(format!(
+                "no TLS handshake within {CONNECT_TIMEOUT:?}"
+            ))),
+        }
     }
 }
 
@@ -132,11 +149,14 @@ impl Tls {
         use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        for der in CertificateDer::pem_slice_iter(ca) {
-            let der = der.map_err(|e| format!("the CA certificate: {e}"))?;
-            roots
-                .add(der)
-                .map_err(|e| format!("the CA certificate: {e}"))?;
+        let ders = CertificateDer::pem_slice_iter(ca)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+        // As gRPC's TLS does: a bundle's certificates that do not parse
+        // are skipped.
+        let (added, _) = roots.add_parsable_certificates(ders);
+        if added == 0 {
+            return Err("the CA certificate: no usable certificate in it".into());
         }
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -165,6 +185,16 @@ impl Tls {
     }
 }
 
+/// Why no lean connection opened.
+enum Opening {
+    /// Nothing accepted the TCP connection.
+    Unreachable(std::io::Error),
+    /// The TLS handshake failed: something there takes TCP but not this
+    /// TLS (a terminator that wants HTTP/2 by ALPN, a wrong CA); gRPC's
+    /// own attempt tells which.
+    Tls(String),
+}
+
 /// An open lean connection.
 enum Stream {
     Plain(TcpStream),
@@ -186,8 +216,8 @@ pub(crate) async fn run(
             muxes.lean_unsupported();
         }
     };
-    let why = match tokio::time::timeout(CONNECT_TIMEOUT, target.open()).await {
-        Ok(Ok(stream)) => {
+    let why = match target.open().await {
+        Ok(stream) => {
             let mut connection = Connection::new(&target, greeted.take(), muxes.clone());
             let ended = match stream {
                 Stream::Plain(mut tcp) => {
@@ -208,13 +238,8 @@ pub(crate) async fn run(
                     tell(&mut greeted, Greeted::NoLean);
                     why
                 }
-                // Over the server's --max-connections: the client's gRPC
-                // connection carries its Sessions instead.
-                Ended::Refused(status) if status.code() == tonic::Code::ResourceExhausted => {
-                    no_lean(&muxes);
-                    tell(&mut greeted, Greeted::NoLean);
-                    status.message().to_string()
-                }
+                // (Over --max-connections too: the next request tries
+                // again, as a Hold stream's would.)
                 Ended::Refused(status) => {
                     let why = status.message().to_string();
                     shared.ops().refused = Some(status);
@@ -223,22 +248,16 @@ pub(crate) async fn run(
                 }
             }
         }
-        Ok(Err(err)) => {
+        Err(Opening::Unreachable(err)) => {
             let why = refused(&shared, format!("cannot connect to {}: {err}", target.addr));
             tell(&mut greeted, Greeted::Unreachable(err));
             why
         }
-        Err(_) => {
-            let why = format!(
-                "cannot connect to {} within {CONNECT_TIMEOUT:?}",
-                target.addr
-            );
-            let timed_out = std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no connection within {CONNECT_TIMEOUT:?}"),
-            );
-            tell(&mut greeted, Greeted::Unreachable(timed_out));
-            refused(&shared, why)
+        // Nothing was sent: the ops ask again, over gRPC.
+        Err(Opening::Tls(why)) => {
+            no_lean(&muxes);
+            tell(&mut greeted, Greeted::NoLean);
+            why
         }
     };
     end(&shared, why);
@@ -277,6 +296,9 @@ struct Connection {
     heard: Instant,
     pinged: Option<Instant>,
     pings: u64,
+    /// The latest ping of the server not answered yet (a burst gets one
+    /// pong, so a server that pings and never reads pins nothing).
+    pong: Option<u64>,
     /// Told of the welcome (taken then).
     greeted: Option<oneshot::Sender<Greeted>>,
     /// The largest frame the server reads (0: not known), from its welcome
@@ -306,6 +328,7 @@ impl Connection {
             heard: Instant::now(),
             pinged: None,
             pings: 0,
+            pong: None,
             greeted,
             max_frame,
             muxes,
@@ -326,6 +349,12 @@ impl Connection {
         tokio::pin!(check);
         let mut shut = false;
         loop {
+            if self.out.len() < OUT_LIMIT
+                && !shut
+                && let Some(n) = self.pong.take()
+            {
+                self.push(In::Pong(n));
+            }
             if self.closed && self.out.is_empty() && !shut {
                 // No guard or client is left and all is sent: closing our
                 // side releases what is held; the server ends the rest.
@@ -479,7 +508,7 @@ impl Connection {
                 (true, Out::Session(pb::SessionResponse { op, msg: Some(msg) })) => {
                     route(shared, op, msg);
                 }
-                (true, Out::Ping(n)) => self.push(In::Pong(n)),
+                (true, Out::Ping(n)) => self.pong = Some(n),
                 (true, Out::Closing(failure)) => return Some(Ended::Why(failure.message)),
                 (true, _) => {}
             }

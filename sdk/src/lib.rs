@@ -362,9 +362,9 @@ impl ClientBuilder {
     /// the check that padlockd answers), and the gRPC connection opens only
     /// for the first call that needs it: a client that only locks holds one
     /// connection to the server. A padlockd without the lean transport is
-    /// noticed there and served over gRPC from then on, as is a lean
-    /// connection refused for the server's `--max-connections`. Guards
-    /// behave the same either way.
+    /// noticed there and served over gRPC from then on (as is a server
+    /// whose TLS handshake fails for it). Guards behave the same either
+    /// way.
     pub fn lean(mut self, lean: bool) -> Self {
         self.lean = Some(lean);
         self

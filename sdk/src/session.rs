@@ -172,8 +172,8 @@ impl Muxes {
 /// How the server answered a lean connection's hello.
 pub(crate) enum Greeted {
     Welcome,
-    /// No lean transport there (or none for this client now: it is at
-    /// its `--max-connections`); the client's Sessions go over gRPC.
+    /// No lean transport there (or its TLS handshake failed); the
+    /// client's Sessions go over gRPC.
     NoLean,
     /// Refused, for a reason the client's first lock will be told too.
     Refused,

@@ -119,8 +119,9 @@ async fn the_cli_says_when_a_port_is_not_a_padlockd() {
              it is not a padlockd, it serves https://, or it is at its connection limit\n"
         )
     );
-    // A port that takes no connection (its backlog is full): told once the
-    // connect timeout passes, not after a second try over gRPC.
+    // A port that takes no connection (its backlog is full): a command
+    // that locks (over the lean transport) is told once the connect
+    // timeout passes, not after a second try over gRPC.
     let full = rustix::net::socket(
         rustix::net::AddressFamily::INET,
         rustix::net::SocketType::STREAM,
@@ -134,7 +135,7 @@ async fn the_cli_says_when_a_port_is_not_a_padlockd() {
     let _queued = std::net::TcpStream::connect(full_addr).unwrap();
     let started = std::time::Instant::now();
     let out = Command::new(bin("padlock"))
-        .args(["--server", &full_addr.to_string(), "list"])
+        .args(["--server", &full_addr.to_string(), "run", "x", "--", "true"])
         .output()
         .unwrap();
     let took = started.elapsed();

@@ -232,11 +232,19 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         return Ok(ExitCode::from(2));
     }
     let connection = connection(&cli)?;
-    let client = connection
-        .clone()
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+    // Only commands that lock use the lean transport; the others need
+    // only the gRPC connection.
+    let locks = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Hold { .. } | Command::Bench(_)
+    );
+    let client = match locks {
+        true => connection.clone(),
+        false => connection.clone().lean(false),
+    }
+    .connect()
+    .await
+    .map_err(|e| e.to_string())?;
     match cli.command {
         Command::Run { lock, command } => run_command(&client, &lock, &command).await,
         Command::Hold { lock } => hold(&client, &lock).await,
