@@ -453,7 +453,8 @@ impl ClientBuilder {
                         let detail = err.to_string();
                         return Err(Error::Unreachable { url, detail });
                     }
-                    // Other failures (TLS) are reported by gRPC's attempt.
+                    // Others (no route, a name that does not resolve) are
+                    // reported by gRPC's attempt, as before.
                     _ => {}
                 },
                 // No lean transport there: gRPC, checked as below.
