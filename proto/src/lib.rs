@@ -25,4 +25,9 @@ pub mod v1 {
     pub const ERROR_METADATA: &str = "padlock-error";
     /// See [`ERROR_METADATA`].
     pub const REQUEST_TIMEOUT: &str = "request-timeout";
+    /// Response metadata of a Session stream: the largest message the
+    /// server reads (its `--max-message-bytes`). A larger one ends the
+    /// stream and every lock on it, so a client fails such a request alone
+    /// instead of sending it (the lean transport's welcome says the same).
+    pub const MAX_MESSAGE_METADATA: &str = "padlock-max-message-bytes";
 }

@@ -25,13 +25,12 @@
 //!
 //! [`Mux`]: crate::session::Mux
 
-use crate::session::{Greeted, Muxes, Shared, end, route};
+use crate::session::{Greeted, Muxes, Shared, end, over_limit, route};
 use crate::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use padlock_proto::lean::{self as frame, MAGIC};
 use padlock_proto::v1 as pb;
 use pb::lean_request::Msg as In;
 use pb::lean_response::Msg as Out;
-use pb::session_response::Msg as SessionOut;
 use prost::Message;
 use prost::bytes::{Buf, BytesMut};
 use std::sync::{Arc, Weak};
@@ -313,7 +312,7 @@ impl Connection {
         greeted: Option<oneshot::Sender<Greeted>>,
         muxes: Weak<Muxes>,
     ) -> Connection {
-        let max_frame = muxes.upgrade().map_or(0, |muxes| muxes.max_frame());
+        let max_frame = muxes.upgrade().map_or(0, |muxes| muxes.max_message());
         let mut out = BytesMut::with_capacity(256);
         out.extend_from_slice(MAGIC);
         let hello = pb::LeanRequest {
@@ -431,26 +430,13 @@ impl Connection {
     /// server would end the connection, and every lock on it, for it, so
     /// that request alone fails here.
     fn add(&mut self, request: pb::SessionRequest, shared: &Shared) {
-        let (op, request) = (
-            request.op,
-            pb::LeanRequest {
-                msg: Some(In::Session(request)),
-            },
-        );
-        let len = request.encoded_len();
-        if self.max_frame != 0 && len > self.max_frame {
-            let failure = pb::Failure {
-                code: tonic::Code::OutOfRange as i32,
-                message: format!(
-                    "the request is {len} bytes; padlockd takes at most {} \
-                     (its --max-message-bytes)",
-                    self.max_frame
-                ),
-            };
-            route(shared, op, SessionOut::Failed(failure));
-            return;
+        let op = request.op;
+        let request = pb::LeanRequest {
+            msg: Some(In::Session(request)),
+        };
+        if !over_limit(shared, op, request.encoded_len(), self.max_frame) {
+            frame::encode(&request, &mut self.out);
         }
-        frame::encode(&request, &mut self.out);
     }
 
     fn push(&mut self, msg: In) {
@@ -490,7 +476,7 @@ impl Connection {
                         if welcome.max_frame != 0 {
                             self.max_frame = welcome.max_frame as usize;
                             if let Some(muxes) = self.muxes.upgrade() {
-                                muxes.set_max_frame(self.max_frame);
+                                muxes.set_max_message(self.max_frame);
                             }
                         }
                         if let Some(greeted) = self.greeted.take() {

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::StreamExt;
 
 /// The Session stream of a client and its clones, opened when needed.
 #[derive(Default)]
@@ -29,9 +30,9 @@ pub(crate) struct Muxes {
     unsupported: AtomicBool,
     /// The server has no lean transport: Sessions go over gRPC.
     no_lean: AtomicBool,
-    /// The largest frame the server's lean transport reads, as its last
-    /// welcome said (0: not known).
-    max_frame: AtomicUsize,
+    /// The largest request the server reads (its `--max-message-bytes`),
+    /// as its lean welcome or its last Session stream said (0: not known).
+    max_message: AtomicUsize,
 }
 
 impl std::fmt::Debug for Muxes {
@@ -83,13 +84,13 @@ impl Muxes {
         self.no_lean.store(true, Ordering::Release);
     }
 
-    /// The largest lean frame the server reads (0: not known yet).
-    pub(crate) fn max_frame(&self) -> usize {
-        self.max_frame.load(Ordering::Relaxed)
+    /// The largest request the server reads (0: not known yet).
+    pub(crate) fn max_message(&self) -> usize {
+        self.max_message.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn set_max_frame(&self, max: usize) {
-        self.max_frame.store(max, Ordering::Relaxed);
+    pub(crate) fn set_max_message(&self, max: usize) {
+        self.max_message.store(max, Ordering::Relaxed);
     }
 
     /// Does the server have the Session call (as far as known)?
@@ -155,7 +156,14 @@ impl Muxes {
                 tokio::spawn(run);
             }
             _ => {
-                let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
+                // Requests over the server's limit fail here, alone.
+                let (muxes, checked) = (Arc::downgrade(self), shared.clone());
+                let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound)
+                    .filter_map(move |request: pb::SessionRequest| {
+                        let max = muxes.upgrade().map_or(0, |muxes| muxes.max_message());
+                        let len = prost::Message::encoded_len(&request);
+                        (!over_limit(&checked, request.op, len, max)).then_some(request)
+                    });
                 let mut grpc = client.grpc();
                 let open = async move { grpc.session(stream).await };
                 tokio::spawn(open_and_read(open, shared.clone(), Arc::downgrade(self)));
@@ -192,7 +200,16 @@ async fn open_and_read(
     muxes: std::sync::Weak<Muxes>,
 ) {
     match open.await {
-        Ok(opened) => read(&shared, opened.into_inner()).await,
+        Ok(opened) => {
+            let max = opened
+                .metadata()
+                .get(pb::MAX_MESSAGE_METADATA)
+                .and_then(|max| max.to_str().ok()?.parse().ok());
+            if let (Some(max), Some(muxes)) = (max, muxes.upgrade()) {
+                muxes.set_max_message(max);
+            }
+            read(&shared, opened.into_inner()).await
+        }
         Err(status) => {
             if status.code() == tonic::Code::Unimplemented
                 && let Some(muxes) = muxes.upgrade()
@@ -233,6 +250,23 @@ pub(crate) fn end(shared: &Shared, why: String) {
             }));
         }
     }
+}
+
+/// Fails op `op` here when its request, `len` bytes encoded, is over the
+/// server's limit `max` (0: not known): sent, it would end the stream and
+/// every lock on it.
+pub(crate) fn over_limit(shared: &Shared, op: u64, len: usize, max: usize) -> bool {
+    if max == 0 || len <= max {
+        return false;
+    }
+    let failure = pb::Failure {
+        code: tonic::Code::OutOfRange as i32,
+        message: format!(
+            "the request is {len} bytes; padlockd takes at most {max} (its --max-message-bytes)"
+        ),
+    };
+    route(shared, op, Out::Failed(failure));
+    true
 }
 
 pub(crate) fn route(shared: &Shared, op: u64, msg: Out) {

@@ -234,7 +234,8 @@ async fn grpc_routes(
             metrics.connections.request_timeouts.clone(),
         )
         .max_session_ops(config.max_streams_per_connection as usize)
-        .session_idle(Some(config.idle_timeout).filter(|t| !t.is_zero()));
+        .session_idle(Some(config.idle_timeout).filter(|t| !t.is_zero()))
+        .max_message(config.max_message_bytes);
     let lean = crate::lean::Door::Serve(Arc::new(crate::lean::Lean {
         service: padlock.clone(),
         tokens,

@@ -258,13 +258,7 @@ pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
 
 /// padlockd's metric `name` (without labels) from `url`'s /metrics.
 pub async fn metric(url: &str, name: &str) -> f64 {
-    metric_over(&client(), url, name).await
-}
-
-/// [`metric`] read over `http`'s connection (kept between reads, so a
-/// count of connections counts it steadily, once).
-pub async fn metric_over(http: &reqwest::Client, url: &str, name: &str) -> f64 {
-    let text = http
+    let text = client()
         .get(format!("{url}/metrics"))
         .send()
         .await

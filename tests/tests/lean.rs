@@ -4,7 +4,7 @@
 
 use padlock::proto as pb;
 use padlock::{Client, Error, Kind};
-use padlock_e2e::http::{metric, metric_over};
+use padlock_e2e::http::metric;
 use padlock_e2e::{Server, assert_strictly_increasing, assert_unharmed, until_waiters};
 use padlock_proto::lean::{self as frame, MAGIC};
 use pb::lean_request::Msg as In;
@@ -207,8 +207,45 @@ async fn the_sdk_locks_over_the_lean_transport_beside_grpc_clients() {
 async fn a_client_that_only_locks_holds_one_connection() {
     // (A request timeout the reader's kept-alive connection outlives.)
     let server = Server::start_with_args(&["--request-timeout", "60s"]);
-    let http = padlock_e2e::http::client();
-    let gauge = |name| metric_over(&http, &server.url, name);
+    // The gauges, read over one HTTP/1.1 connection of our own (an HTTP
+    // client's pool may open another while it puts one back).
+    let reader = tokio::sync::Mutex::new(TcpStream::connect(server.addr).await.unwrap());
+    let gauge = |name: &'static str| {
+        let reader = &reader;
+        async move {
+            let mut tcp = reader.lock().await;
+            let request = format!("GET /metrics HTTP/1.1\r\nhost: {}\r\n\r\n", server.addr);
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            let text = loop {
+                let mut chunk = [0u8; 4096];
+                let n = tcp.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the metrics connection closed");
+                response.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&response).into_owned();
+                let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    continue;
+                };
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_string)
+                    })
+                    .expect("a content-length")
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if body.len() >= length {
+                    break body.to_string();
+                }
+            };
+            *padlock_e2e::http::parse_metrics(&text)
+                .get(name)
+                .unwrap_or_else(|| panic!("no {name} in /metrics: {text}"))
+        }
+    };
     assert_eq!(gauge("padlock_connections").await, 1.0, "the reader's own");
     // Connecting opens the lean connection (its hello is the check that
     // padlockd answers), and no gRPC one.
@@ -261,10 +298,21 @@ async fn a_burst_of_requests_from_one_client_is_answered_in_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_frame_limit_fails_alone() {
     let server = Server::start_with_args(&["--max-message-bytes", "4096"]);
-    let client = server.client().await;
+    over_the_limit_fails_alone(&server, server.client().await).await;
+    // The same over a gRPC Session stream, whose headers say the limit.
+    let grpc = Client::builder(server.url.clone())
+        .lean(false)
+        .connect()
+        .await
+        .unwrap();
+    over_the_limit_fails_alone(&server, grpc).await;
+}
+
+async fn over_the_limit_fails_alone(server: &Server, client: Client) {
     let held = client.lock("big/held").acquire().await.unwrap();
-    // Sent, it would end the connection and the lock held on it: the
-    // client knows the limit from the welcome and fails that one request.
+    // Sent, it would end the stream and the lock held on it: the client
+    // knows the limit from the welcome (or the stream's headers) and fails
+    // that one request.
     let big = client.lock("big/x").label("padding", "x".repeat(5000));
     match guarded("the refusal", big.acquire()).await {
         Err(Error::Status(status)) if status.code() == Code::OutOfRange => {
@@ -279,9 +327,9 @@ async fn a_request_over_the_frame_limit_fails_alone() {
     let next = guarded("a lock beside it", client.lock("big/y").acquire())
         .await
         .unwrap();
-    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
     next.release().await.unwrap();
     held.release().await.unwrap();
+    assert_unharmed(server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,8 @@ pub struct PadlockService {
     max_session_ops: usize,
     /// A Session stream with no op open for this long is ended.
     session_idle: Option<Duration>,
+    /// The largest message read (`--max-message-bytes`; 0: not said).
+    max_message: usize,
 }
 
 impl PadlockService {
@@ -45,6 +47,7 @@ impl PadlockService {
             first_message: Duration::from_secs(10),
             timeouts: Arc::default(),
             max_session_ops: 1000,
+            max_message: 0,
             session_idle: None,
         }
     }
@@ -53,6 +56,13 @@ impl PadlockService {
     /// server's `--idle-timeout`; `None`: never), as an idle connection is.
     pub fn session_idle(mut self, idle: Option<Duration>) -> Self {
         self.session_idle = idle;
+        self
+    }
+
+    /// The largest message the server reads, told to each Session stream
+    /// (its requests over it would end the stream).
+    pub fn max_message(mut self, max: usize) -> Self {
+        self.max_message = max;
         self
     }
 
@@ -461,9 +471,13 @@ impl pb::padlock_server::Padlock for PadlockService {
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let scope = request.extensions().get::<Scope>().cloned();
         let inbound = Box::pin(request.into_inner());
-        Ok(Response::new(session::stream(
-            self.session_mux(inbound, peer, scope),
-        )))
+        let mut response = Response::new(session::stream(self.session_mux(inbound, peer, scope)));
+        if self.max_message != 0 {
+            response
+                .metadata_mut()
+                .insert(pb::MAX_MESSAGE_METADATA, self.max_message.into());
+        }
+        Ok(response)
     }
 
     async fn hold(
