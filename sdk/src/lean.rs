@@ -12,7 +12,8 @@
 //! then on; the ops already sent were never seen, and are asked again. So
 //! is a server whose TLS handshake fails for the lean connection (a TLS
 //! terminator that wants HTTP/2 by ALPN): gRPC's own attempt then works,
-//! or says why not. A lean connection refused for the server's
+//! or says why not. A connection closed before the server said anything
+//! (it was at its limit, or restarting) is only tried again. A lean connection refused for the server's
 //! `--max-connections` fails the requests on it, and the next request
 //! tries again, as a Hold stream's would.
 //!
@@ -130,10 +131,20 @@ impl Target {
             return Ok(Stream::Plain(tcp));
         };
         let handshake = tls.connector.connect(tls.name.clone(), tcp);
+        use std::io::ErrorKind::*;
         match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
             Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
+            // Closed without a word: perhaps a moment's refusal.
+            Ok(Err(err))
+                if matches!(
+                    err.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                ) =>
+            {
+                Err(Opening::Closed(format!("TLS handshake: {err}")))
+            }
             Ok(Err(err)) => Err(Opening::Tls(format!("TLS handshake: {err}"))),
-            Err(_) => Err(Opening::Tls(format!(
+            Err(_) => Err(Opening::Closed(format!(
                 "no TLS handshake within {CONNECT_TIMEOUT:?}"
             ))),
         }
@@ -192,6 +203,9 @@ enum Opening {
     /// TLS (a terminator that wants HTTP/2 by ALPN, a wrong CA); gRPC's
     /// own attempt tells which.
     Tls(String),
+    /// The connection closed, or the handshake took too long, before the
+    /// server said anything: perhaps only for a moment.
+    Closed(String),
 }
 
 /// An open lean connection.
@@ -237,6 +251,12 @@ pub(crate) async fn run(
                     tell(&mut greeted, Greeted::NoLean);
                     why
                 }
+                // Nothing was taken: the ops ask again (on a new lean
+                // connection: this may have been a moment's refusal).
+                Ended::Closed(why) => {
+                    tell(&mut greeted, Greeted::Closed);
+                    why
+                }
                 // (Over --max-connections too: the next request tries
                 // again, as a Hold stream's would.)
                 Ended::Refused(status) => {
@@ -250,6 +270,10 @@ pub(crate) async fn run(
         Err(Opening::Unreachable(err)) => {
             let why = refused(&shared, format!("cannot connect to {}: {err}", target.addr));
             tell(&mut greeted, Greeted::Unreachable(err));
+            why
+        }
+        Err(Opening::Closed(why)) => {
+            tell(&mut greeted, Greeted::Closed);
             why
         }
         // Nothing was sent: the ops ask again, over gRPC.
@@ -278,8 +302,11 @@ fn refused(shared: &Shared, why: String) -> String {
 /// How a connection ended.
 enum Ended {
     Why(String),
-    /// The server did not answer the hello with a welcome.
+    /// The server answered the hello with something else than a welcome,
+    /// or nothing within the welcome's time.
     NotLean(String),
+    /// The connection closed or failed before the server said anything.
+    Closed(String),
     /// The server said no to the hello.
     Refused(tonic::Status),
 }
@@ -290,6 +317,8 @@ struct Connection {
     /// Frames to write.
     out: BytesMut,
     welcomed: bool,
+    /// The server has sent something (a welcome or not).
+    answered: bool,
     /// The requests' side is done: nothing more to send.
     closed: bool,
     heard: Instant,
@@ -323,6 +352,7 @@ impl Connection {
             buf: BytesMut::new(),
             out,
             welcomed: false,
+            answered: false,
             closed: false,
             heard: Instant::now(),
             pinged: None,
@@ -389,6 +419,7 @@ impl Connection {
                     }
                     Ok(_) => {
                         self.heard = Instant::now();
+                        self.answered = true;
                         if let Some(ended) = self.take_frames(shared) {
                             return ended;
                         }
@@ -401,7 +432,9 @@ impl Connection {
                     if !self.welcomed {
                         // Something that neither welcomes nor refuses (a
                         // proxy that waits for HTTP): not a lean transport.
-                        return self.broken(format!("no welcome within {KEEPALIVE_TIMEOUT:?}"));
+                        return Ended::NotLean(format!(
+                            "no lean transport there (no welcome within {KEEPALIVE_TIMEOUT:?})"
+                        ));
                     }
                     if let Some(at) = self.pinged {
                         if self.heard >= at {
@@ -430,26 +463,31 @@ impl Connection {
     /// server would end the connection, and every lock on it, for it, so
     /// that request alone fails here.
     fn add(&mut self, request: pb::SessionRequest, shared: &Shared) {
-        let op = request.op;
-        let request = pb::LeanRequest {
+        let framed = pb::LeanRequest {
             msg: Some(In::Session(request)),
         };
-        if !over_limit(shared, op, request.encoded_len(), self.max_frame) {
-            frame::encode(&request, &mut self.out);
+        if let Some(In::Session(request)) = &framed.msg
+            && over_limit(shared, request, framed.encoded_len(), self.max_frame)
+        {
+            return;
         }
+        frame::encode(&framed, &mut self.out);
     }
 
     fn push(&mut self, msg: In) {
         frame::encode(&pb::LeanRequest { msg: Some(msg) }, &mut self.out);
     }
 
-    /// The connection failed: before the welcome, the server is not one
-    /// that speaks the lean transport.
+    /// The connection failed. Before the welcome, a server that answered
+    /// something else does not speak the lean transport; one that closed
+    /// without a word (at its connection limit, restarting) may, later.
     fn broken(&self, why: String) -> Ended {
         if self.welcomed {
             Ended::Why(why)
-        } else {
+        } else if self.answered {
             Ended::NotLean(format!("no lean transport there ({why})"))
+        } else {
+            Ended::Closed(why)
         }
     }
 

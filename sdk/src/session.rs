@@ -161,8 +161,13 @@ impl Muxes {
                 let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound)
                     .filter_map(move |request: pb::SessionRequest| {
                         let max = muxes.upgrade().map_or(0, |muxes| muxes.max_message());
-                        let len = prost::Message::encoded_len(&request);
-                        (!over_limit(&checked, request.op, len, max)).then_some(request)
+                        (!over_limit(
+                            &checked,
+                            &request,
+                            prost::Message::encoded_len(&request),
+                            max,
+                        ))
+                        .then_some(request)
                     });
                 let mut grpc = client.grpc();
                 let open = async move { grpc.session(stream).await };
@@ -185,6 +190,9 @@ pub(crate) enum Greeted {
     NoLean,
     /// Refused, for a reason the client's first lock will be told too.
     Refused,
+    /// Closed before the server said anything (at its connection limit,
+    /// restarting): not known to speak it or not.
+    Closed,
     /// Nothing accepted the connection.
     Unreachable(std::io::Error),
 }
@@ -252,13 +260,19 @@ pub(crate) fn end(shared: &Shared, why: String) {
     }
 }
 
-/// Fails op `op` here when its request, `len` bytes encoded, is over the
-/// server's limit `max` (0: not known): sent, it would end the stream and
-/// every lock on it.
-pub(crate) fn over_limit(shared: &Shared, op: u64, len: usize, max: usize) -> bool {
-    if max == 0 || len <= max {
+/// Fails an acquire here when its request, `len` bytes encoded, is over
+/// the server's limit `max` (0: not known): sent, it would end the stream
+/// and every lock on it. (Nothing else the client sends comes near it.)
+pub(crate) fn over_limit(
+    shared: &Shared,
+    request: &pb::SessionRequest,
+    len: usize,
+    max: usize,
+) -> bool {
+    if max == 0 || len <= max || !matches!(request.msg, Some(In::Acquire(_))) {
         return false;
     }
+    let op = request.op;
     let failure = pb::Failure {
         code: tonic::Code::OutOfRange as i32,
         message: format!(

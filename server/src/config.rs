@@ -79,8 +79,8 @@ pub struct Config {
     pub idle_timeout: Duration,
 
     /// Largest accepted gRPC message (and frame of the lean transport), in
-    /// bytes.
-    #[arg(long, env = "PADLOCK_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    /// bytes (at least 1024).
+    #[arg(long, env = "PADLOCK_MAX_MESSAGE_BYTES", default_value = "65536", value_parser = parse_max_message_bytes)]
     pub max_message_bytes: usize,
 
     /// Serve the lean transport on the listening port: Session ops in small
@@ -351,6 +351,17 @@ fn parse_redis_url(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// A message limit small enough to refuse every lock request is a mistake.
+fn parse_max_message_bytes(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(bytes) if bytes >= 1024 => Ok(bytes),
+        Ok(_) => Err(format!(
+            "'{text}' is too small: every lock request would be refused; it must be at least 1024"
+        )),
+        Err(_) => Err(format!("'{text}' is not a number of bytes")),
+    }
+}
+
 /// A duration that must not be zero.
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
@@ -386,6 +397,17 @@ mod tests {
         let mut argv: Vec<OsString> = vec!["padlockd".into(), "--config".into(), file.into()];
         argv.extend(args.iter().map(OsString::from));
         Config::load_from(argv)
+    }
+
+    #[test]
+    fn a_message_limit_too_small_for_any_request_is_refused() {
+        let err = load(&["--max-message-bytes", "0"], "").unwrap_err();
+        assert!(err.contains("at least 1024"), "{err}");
+        let err = load(&[], "max_message_bytes = 100").unwrap_err();
+        assert!(err.contains("at least 1024"), "{err}");
+        let config = load(&["--max-message-bytes", "1024"], "").unwrap();
+        assert_eq!(config.max_message_bytes, 1024);
+        assert_eq!(load(&[], "").unwrap().max_message_bytes, 65536);
     }
 
     #[test]

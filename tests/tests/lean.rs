@@ -280,7 +280,9 @@ async fn a_burst_of_requests_from_one_client_is_answered_in_full() {
             let request = client
                 .lock(format!("../burst/{i}"))
                 .label("padding", label.clone());
-            tokio::spawn(request.try_acquire())
+            // (No wait: each is refused at once, and none is cut by the
+            // client's own grace while the burst is in flight.)
+            tokio::spawn(request.acquire())
         })
         .collect();
     for request in requests {
@@ -756,4 +758,50 @@ async fn behind_a_proxy_that_swallows_the_lean_transport_the_sdk_locks_over_grpc
         "{took:?}: the lean transport was tried again"
     );
     second.release().await.unwrap();
+}
+
+/// A proxy to `server` that closes the first `drops` lean connections
+/// without a word, as a server over its connection limit does.
+async fn proxy_dropping_lean(server: &Server, drops: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = server.addr;
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let dropped = dropped.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; MAGIC.len()];
+                if client.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                if &head == MAGIC
+                    && dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < drops
+                {
+                    return;
+                }
+                let mut server = TcpStream::connect(upstream).await.unwrap();
+                server.write_all(&head).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lean_connection_closed_without_a_word_is_tried_again() {
+    let server = Server::start();
+    let url = proxy_dropping_lean(&server, 1).await;
+    // Connecting meets the close (and checks the server over gRPC); the
+    // first lock opens a lean connection again, which is served.
+    let client = Client::connect(url).await.unwrap();
+    let guard = guarded("a lock", client.lock("closed/a").acquire())
+        .await
+        .unwrap();
+    assert_eq!(metric(&server.url, "padlock_lean_connections").await, 1.0);
+    guard.release().await.unwrap();
 }
