@@ -352,7 +352,7 @@ impl ClientBuilder {
     }
 
     /// Whether the Session stream of a multiplexed client rides padlockd's
-    /// lean transport (the default for `http://` URLs): the same ops in
+    /// lean transport (the default): the same ops in
     /// small frames on a TCP connection of their own, on the same port,
     /// without HTTP/2 and gRPC. A lock cycle then costs the server and the
     /// client about a fifth less CPU. Everything else (listing, server info,

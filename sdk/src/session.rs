@@ -9,7 +9,7 @@
 //! lost at once (as with a Hold stream, the server releases them), and the
 //! next request opens a new stream. A padlockd without the Session call
 //! (older than this client) is served with Hold streams. The stream is a
-//! gRPC call, or for `http://` URLs a connection of padlockd's lean
+//! gRPC call, or a connection of padlockd's lean
 //! transport (`crate::lean`), which carries the same messages.
 
 use crate::{Error, GuardState, Lost, LostReason, Queued};
